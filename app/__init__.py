@@ -1,0 +1,1 @@
+"""ntng application core: LightningModules, model building, the layer adapter, the CLI."""

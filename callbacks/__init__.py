@@ -1,0 +1,1 @@
+"""Lightning callbacks: one module per efficiency method, the budget callback, monitoring."""

@@ -1,0 +1,1 @@
+"""LightningDataModules: pretraining corpora, collators, downstream tasks."""
