@@ -1,0 +1,397 @@
+"""The masked-LM pretraining data path: sources -> tokenizer -> packed blocks -> masked batches.
+
+Blocks are ``[CLS] + seq_len-2 stream tokens + [SEP]`` cut from one token stream in which every
+document ends with ``[SEP]``; no padding. A block's example id is its index in the packed
+sequence, stable for the same sources, tokenizer and ``seq_len``. Packed blocks are cached on disk
+(``<cache_dir>/blocks/<fingerprint>/``) so later runs skip tokenization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+from app.errors import ConfigurationError
+from datamodules import corpus
+from datamodules.masking import mask_tokens
+from datamodules.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
+
+# Bump when the packing or the cache layout changes, so stale caches are never reused.
+FORMAT_VERSION = 1
+_TOKENIZE_BATCH = 1000
+
+
+def tokenize_batch(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens (the packer adds [CLS]/[SEP])."""
+    # The backend call skips offset mappings and transformers' model_max_length warning on long documents.
+    encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return [encoding.ids for encoding in encodings]
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    return iter(lambda: list(islice(items, size)), [])
+
+
+class BlockPacker:
+    """Cut the token stream (every document followed by [SEP]) into ``[CLS] + seq_len-2 tokens + [SEP]`` blocks.
+
+    Args:
+        tokenizer: Fast tokenizer with [CLS] and [SEP].
+        seq_len: Block length including [CLS] and [SEP].
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> None:
+        self.tokenizer, self.width = tokenizer, seq_len - 2
+        self.documents = self.tokens = 0  # totals so far; tokens include the document separators
+        self._rest = np.empty(0, dtype=np.int64)
+
+    def add(self, texts: list[str]) -> np.ndarray:
+        """Tokenize and append documents; return the blocks completed by them, ``[k, seq_len]`` int64."""
+        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        pieces = [self._rest]
+        for ids in tokenize_batch(self.tokenizer, texts):
+            pieces += [np.asarray(ids, dtype=np.int64), np.array([sep_id])]
+        stream = np.concatenate(pieces)
+        self.documents, self.tokens = self.documents + len(texts), self.tokens + len(stream) - len(self._rest)
+        count = len(stream) // self.width
+        self._rest = stream[count * self.width :]
+        body = stream[: count * self.width].reshape(count, self.width)
+        return np.concatenate([np.full((count, 1), cls_id), body, np.full((count, 1), sep_id)], axis=1)
+
+    def pack(self, documents: Iterator[str]) -> Iterator[np.ndarray]:
+        """Yield the completed blocks, one ``[k, seq_len]`` array per batch of documents."""
+        return (self.add(batch) for batch in _batches(documents, _TOKENIZE_BATCH))
+
+
+def split_example_ids(
+    num_blocks: int, val_fraction: float, val_size: int | None, max_val_blocks: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of block ids ``0..num_blocks-1``.
+
+    Validation is the first ``n`` ids of ``default_rng(seed).permutation(num_blocks)``: ``n`` is
+    ``val_size`` if given, else ``val_fraction * num_blocks`` (at least 1 when the fraction is
+    positive), capped at ``max_val_blocks``.
+
+    Returns:
+        ``(train_ids, val_ids)``, each sorted ``int64``.
+    """
+    count = val_size if val_size is not None else (max(1, int(num_blocks * val_fraction)) if val_fraction > 0 else 0)
+    count = count if max_val_blocks is None else min(count, max_val_blocks)
+    if count >= num_blocks:
+        raise ConfigurationError(f"validation split takes {count} of {num_blocks} blocks and leaves no training block")
+    order = np.random.default_rng(seed).permutation(num_blocks).astype(np.int64)
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
+def _sample(example_id: int, block: np.ndarray) -> dict:
+    return {"input_ids": torch.from_numpy(block.astype(np.int64)), "example_ids": example_id}
+
+
+class PackedBlocks(Dataset):
+    """Map-style view of the cached blocks with ids ``example_ids``; the ``.npy`` is memory-mapped."""
+
+    def __init__(self, path: Path, example_ids: np.ndarray) -> None:
+        self.path, self.example_ids, self._blocks = path, example_ids, None
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._blocks is None:
+            self._blocks = np.load(self.path, mmap_mode="r")
+        example_id = int(self.example_ids[index])
+        return _sample(example_id, self._blocks[example_id])
+
+    def __getstate__(self) -> dict:
+        # Worker processes map the file themselves instead of receiving a pickled in-memory copy.
+        return {**self.__dict__, "_blocks": None}
+
+
+class StreamedBlocks(IterableDataset):
+    """Blocks packed on the fly from opened streams; id = running block index in the stream.
+
+    Blocks ``0..val_size-1`` are validation, the rest training. Every worker of every rank reads
+    and packs the whole stream (a block's boundaries depend on all text before it) and keeps its
+    share by block index modulo. Training shards by (rank, worker) and emits only complete rounds,
+    so every rank gets the same number of blocks and no DDP rank waits on one that ran dry.
+    Validation shards by worker only: every rank evaluates the same blocks. Every epoch re-reads
+    the stream from its start; there is no mid-epoch resume state.
+    """
+
+    def __init__(self, streams: list, module: PretrainingDataModule, train: bool) -> None:
+        self.streams, self.tokenizer, self.train, self.options = streams, module.tokenizer, train, module.hparams
+
+    def _blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        documents = corpus.iter_streamed_documents(self.streams, self.options.text_field, self.options.max_documents)
+        chunks = BlockPacker(self.tokenizer, self.options.seq_len).pack(documents)
+        return enumerate(block for chunk in chunks for block in chunk)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        if not self.train:
+            blocks = islice(self._blocks(), self.options.val_size)
+            yield from (_sample(index, block) for index, block in blocks if index % workers == worker_id)
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        shards, shard = world * workers, rank * workers + worker_id
+        for index, block in islice(self._blocks(), self.options.val_size, None):
+            position = (index - self.options.val_size) % shards
+            if position == shard:
+                pending = _sample(index, block)
+            if position == shards - 1:
+                yield pending
+
+
+class PretrainingDataModule(LightningDataModule):
+    """Masked-LM pretraining data: packed fixed-length blocks with stable ids, masked per example.
+
+    Batches reaching the model are ``{"input_ids": LongTensor[B, L] (masked), "labels":
+    LongTensor[B, L] (-100 where not masked), "example_ids": LongTensor[B]}``; the loaders yield the
+    unmasked ``input_ids`` and ``example_ids``, and masking happens in ``on_before_batch_transfer``.
+
+    Args:
+        sources: Local ``.txt`` (blank-line separated documents), ``.jsonl`` or ``.parquet`` files,
+            directories (searched recursively, sorted by path), or hub dataset names.
+        tokenizer: A saved tokenizer directory, a WordPiece ``vocab.txt`` path or a hub name;
+            ``None`` trains a WordPiece tokenizer on the corpus and caches it. That training is not
+            bit-reproducible (tokenizers issue #1794), so the cached copy is the reference: give
+            all nodes one shared ``cache_dir``, or train once and pass the saved directory.
+        tokenizer_vocab_size: Vocabulary size when training the tokenizer.
+        lowercase: Lowercase text (training a tokenizer or building one from ``vocab.txt``).
+        seq_len: Tokens per block, [CLS] and [SEP] included (at least 8).
+        text_field: Field or column holding the text in ``.jsonl``, ``.parquet`` and hub data.
+        hub_config: Configuration name of hub datasets.
+        hub_split: Split of hub datasets.
+        streaming: Tokenize and pack on the fly instead of caching (hub names and local
+            ``.jsonl``/``.parquet`` only; needs ``tokenizer`` and ``val_size``).
+        max_documents: Use at most this many documents (quick runs); ``None`` uses all.
+        val_fraction: Fraction of blocks held out for validation (at least one when positive).
+        val_size: Number of validation blocks; overrides ``val_fraction``.
+        max_val_blocks: Cap on the number of validation blocks; ``None`` for no cap.
+        split_seed: Seed of the train/validation split.
+        micro_batch_size: Sequences per micro-batch per device (the optimizer batch is this times
+            ``accumulate_grad_batches`` times the number of devices).
+        eval_batch_size: Sequences per validation batch; defaults to ``micro_batch_size``.
+        num_workers: DataLoader worker processes (kept alive between epochs when positive).
+        mlm_probability: Fraction of non-special tokens selected for prediction.
+        mask_replace_prob: Fraction of selected tokens replaced by [MASK].
+        random_replace_prob: Fraction of selected tokens replaced by a random token.
+        mask_seed: Seed of the masking; an example's mask depends only on (mask_seed, id, epoch).
+        cache_dir: Cache for trained tokenizers and packed blocks; ``None`` uses ``$NTNG_CACHE_DIR``
+            or ``~/.cache/ntng``.
+    """
+
+    def __init__(
+        self,
+        sources: list[str],
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 30522,
+        lowercase: bool = True,
+        seq_len: int = 128,
+        text_field: str = "text",
+        hub_config: str | None = None,
+        hub_split: str = "train",
+        streaming: bool = False,
+        max_documents: int | None = None,
+        val_fraction: float = 0.005,
+        val_size: int | None = None,
+        max_val_blocks: int | None = 10000,
+        split_seed: int = 0,
+        micro_batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        mlm_probability: float = 0.15,
+        mask_replace_prob: float = 0.8,
+        random_replace_prob: float = 0.1,
+        mask_seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        checks = {
+            f"seq_len must be at least 8, got {seq_len}": seq_len >= 8,
+            "tokenizer_vocab_size must exceed the number of special tokens": tokenizer_vocab_size > len(SPECIAL_TOKENS),
+            "max_documents must be at least 1": max_documents is None or max_documents >= 1,
+            f"val_fraction must be in [0, 1), got {val_fraction}": 0 <= val_fraction < 1,
+            "val_size and max_val_blocks must be >= 0": min(val_size or 0, max_val_blocks or 0) >= 0,
+            "split_seed and mask_seed must be >= 0": min(split_seed, mask_seed) >= 0,
+            "micro_batch_size and eval_batch_size must be >= 1": min(micro_batch_size, eval_batch_size or 1) >= 1,
+            "num_workers must be >= 0": num_workers >= 0,
+            f"mlm_probability must be in (0, 1], got {mlm_probability}": 0 < mlm_probability <= 1,
+            "mask_replace_prob and random_replace_prob must be >= 0": min(mask_replace_prob, random_replace_prob) >= 0,
+            "mask_replace_prob + random_replace_prob must be at most 1": mask_replace_prob + random_replace_prob <= 1,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ConfigurationError(message)
+        self._sources = corpus.resolve_sources(sources)
+        if streaming:
+            corpus.check_streamable(self._sources, tokenizer, val_size)
+        self._cache_dir = Path(cache_dir or os.environ.get("NTNG_CACHE_DIR") or "~/.cache/ntng").expanduser()
+        self._tokenizer: PreTrainedTokenizerFast | None = None
+        self._collator: DataCollatorForLanguageModeling | None = None
+        self._corpus_parts: dict | None = None
+        self._train = self._val = None
+        # Set by setup(): the memory-mapped blocks (not when streaming) and the split's sorted ids.
+        self.blocks = self.train_example_ids = self.val_example_ids = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tokenizer, loaded (or trained on the corpus and cached) on first access."""
+        if self._tokenizer is None:
+            h = self.hparams
+            if h.tokenizer is not None:
+                self._tokenizer = load_tokenizer(h.tokenizer, h.lowercase)
+            else:
+                key = json.dumps(self._corpus_fingerprint(), sort_keys=True)
+                self._tokenizer = cached_wordpiece(
+                    self._cache_dir, key, h.tokenizer_vocab_size, h.lowercase, self._documents
+                )
+            rank_zero_info(f"[data] tokenizer: {len(self._tokenizer)} tokens")
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model must embed (``len(tokenizer)``, added tokens included)."""
+        return len(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id of the tokenizer's [PAD] token."""
+        return self.tokenizer.pad_token_id
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per block, [CLS] and [SEP] included."""
+        return self.hparams.seq_len
+
+    @property
+    def collator(self) -> DataCollatorForLanguageModeling:
+        """transformers' MLM collator holding the masking probabilities (used by ``mask_tokens``)."""
+        if self._collator is None:
+            h = self.hparams
+            self._collator = DataCollatorForLanguageModeling(
+                self.tokenizer,
+                mlm_probability=h.mlm_probability,
+                mask_replace_prob=h.mask_replace_prob,
+                random_replace_prob=h.random_replace_prob,
+            )
+        return self._collator
+
+    def _corpus_fingerprint(self) -> dict:
+        if self._corpus_parts is None:
+            h = self.hparams
+            self._corpus_parts = {
+                "sources": corpus.source_fingerprints(self._sources, h.hub_config, h.hub_split),
+                "text_field": h.text_field,
+                "max_documents": h.max_documents,
+            }
+        return self._corpus_parts
+
+    def _documents(self) -> Iterator[str]:
+        h = self.hparams
+        documents = corpus.iter_documents(self._sources, h.text_field, h.hub_config, h.hub_split, h.max_documents)
+        first = next(documents, None)
+        if first is None:
+            raise ConfigurationError(f"corpus is empty: no documents in {', '.join(h.sources)}")
+        yield first
+        yield from documents
+
+    def _prepare_blocks(self) -> Path:
+        """Return the cache directory of the packed blocks, tokenizing and packing on a miss (idempotent)."""
+        parts = {"format": FORMAT_VERSION, **self._corpus_fingerprint(), "seq_len": self.seq_len}
+        parts["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        target = self._cache_dir / "blocks" / digest[:16]
+        if (target / "meta.json").is_file():
+            rank_zero_info(f"[data] block cache hit: {target}")
+            return target
+        rank_zero_info(f"[data] block cache miss: reading {len(self._sources)} source(s), packing into {target}")
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32
+        packer = BlockPacker(self.tokenizer, self.seq_len)
+        blocks = np.concatenate([chunk.astype(dtype) for chunk in packer.pack(self._documents())])
+        if len(blocks) == 0:
+            raise ConfigurationError(
+                f"corpus too small: {packer.tokens} tokens in {packer.documents} documents, "
+                f"one block of seq_len={self.seq_len} needs {self.seq_len - 2}"
+            )
+        meta = {"fingerprint": parts, "blocks": len(blocks), "tokens": packer.tokens, "documents": packer.documents}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        np.save(staging / "blocks.npy", blocks)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        publish(staging, target)
+        rank_zero_info(f"[data] packed {packer.documents} documents, {packer.tokens} tokens into {len(blocks)} blocks")
+        return target
+
+    def prepare_data(self) -> None:
+        """Tokenize, pack and cache the corpus (once per node); nothing to do when streaming."""
+        if not self.hparams.streaming:
+            self._prepare_blocks()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached blocks (building them if ``prepare_data`` did not run) and split them."""
+        if self._train is not None:
+            return
+        h = self.hparams
+        if h.streaming:
+            streams = corpus.open_streams(self._sources, h.text_field, h.hub_config, h.hub_split)
+            self._train, self._val = (
+                StreamedBlocks(streams, self, train=True),
+                StreamedBlocks(streams, self, train=False),
+            )
+            self.val_example_ids = np.arange(h.val_size, dtype=np.int64)
+            return
+        path = self._prepare_blocks() / "blocks.npy"
+        self.blocks = np.load(path, mmap_mode="r")
+        split = split_example_ids(len(self.blocks), h.val_fraction, h.val_size, h.max_val_blocks, h.split_seed)
+        self.train_example_ids, self.val_example_ids = split
+        rank_zero_info(f"[data] {len(split[0])} training / {len(split[1])} validation blocks")
+        self._train, self._val = PackedBlocks(path, split[0]), PackedBlocks(path, split[1])
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            # Map-style shuffling draws from torch's global RNG (seeded by seed_everything); Lightning
+            # swaps in a DistributedSampler under DDP. Streams shard themselves and are not shuffled.
+            shuffle=train and not isinstance(dataset, IterableDataset),
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training blocks, ``micro_batch_size`` per batch, incomplete last batch dropped."""
+        return self._loader(self._train, self.hparams.micro_batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation blocks in id order (an empty list when there are none)."""
+        if len(self.val_example_ids) == 0:
+            return []
+        return self._loader(self._val, self.hparams.eval_batch_size or self.hparams.micro_batch_size, train=False)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Mask the batch on the host: training uses the current epoch, everything else epoch 0."""
+        training = self.trainer is not None and self.trainer.training
+        epoch = self.trainer.current_epoch if training else 0
+        input_ids, labels = mask_tokens(
+            batch["input_ids"], batch["example_ids"], self.collator, seed=self.hparams.mask_seed, epoch=epoch
+        )
+        return {"input_ids": input_ids, "labels": labels, "example_ids": batch["example_ids"]}
