@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny models and data that the tests make themselves (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY_CONFIG = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 40,
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Every test gets its own tokenizer/block cache, so no test sees another's files.
+    monkeypatch.setenv("NTNG_CACHE_DIR", str(tmp_path / "ntng-cache"))
+
+
+def mlm_batch(vocab_size: int = 100, batch: int = 4, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random MLM batch with ~25 % of positions carrying labels (never none)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab_size, (batch, seq), generator=generator)
+    selected = torch.rand(batch, seq, generator=generator) < 0.25
+    selected[:, 1] = True
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    return {"input_ids": input_ids, "labels": labels, "example_ids": torch.arange(batch)}
+
+
+@pytest.fixture
+def sample_corpus(tmp_path) -> Path:
+    """A small real-text corpus: the first ~60 kB of two shipped Gutenberg books."""
+    target = tmp_path / "corpus"
+    target.mkdir()
+    for name in ("pg11.txt", "pg35.txt"):
+        text = (REPO_ROOT / "datamodules" / "samples" / "gutenberg" / name).read_bytes()
+        (target / name).write_bytes(text[:60_000])
+    return target
+
+
+class RandomMLMData:
+    """Factory for a LightningDataModule of fixed random MLM batches (fast, no tokenizer)."""
+
+    @staticmethod
+    def make(vocab_size: int = 100, seq_len: int = 16, micro_batch_size: int = 4, blocks: int = 64):
+        from lightning.pytorch import LightningDataModule
+        from torch.utils.data import DataLoader
+
+        class _Data(LightningDataModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.examples = [
+                    {k: v[0] for k, v in mlm_batch(vocab_size, 1, seq_len, seed=i).items() if k != "example_ids"}
+                    | {"example_ids": torch.tensor(i)}
+                    for i in range(blocks)
+                ]
+
+            def train_dataloader(self):
+                return DataLoader(self.examples, batch_size=micro_batch_size, shuffle=True, drop_last=True)
+
+            def val_dataloader(self):
+                return DataLoader(self.examples[:8], batch_size=micro_batch_size)
+
+        return _Data()
+
+
+def write_profile(path: Path, fb_seconds: dict[int, float], reference_tokens: int = 64, **model) -> Path:
+    """A synthetic RST profile: ``fb_seconds[depth]`` per micro-batch of ``reference_tokens`` tokens."""
+    import yaml
+
+    signature = {"family": "roberta-prelayernorm", "layers": {"encoder": 2}, "hidden": 32, "heads": 2,
+                 "ffn": 64, "vocab": 100, "seq_len": 16} | model
+    document = {
+        "name": path.stem,
+        "model": signature,
+        "reference_tokens": reference_tokens,
+        "passes": {
+            "forward_backward": {"table": fb_seconds, "fixed": 0.0, "per_layer": {"encoder": max(fb_seconds.values()) / 2}},
+            "forward": {"table": {d: s / 3 for d, s in fb_seconds.items()}, "fixed": 0.0, "per_layer": {"encoder": 0.1}},
+        },
+        "optimizer_step_seconds": {},
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path

@@ -1,0 +1,115 @@
+"""The ``ntng`` command: every recipe parses, the tiny recipe trains end to end, bad input is one line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from app.cli import main
+from app.cost_models import RSTProfile
+from app.plan import PlanSettings, plan
+from tests.conftest import REPO_ROOT
+
+RECIPES = sorted(
+    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "rst" not in p.parts and "methods" not in p.parts
+)
+OVERLAYS = sorted((REPO_ROOT / "configs" / "methods").glob("*.yaml"))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_recipe_parses(recipe, capsys):
+    code, out, err = run_cli(["fit", "-c", str(recipe), "--print_config"], capsys)
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["model"]["class_path"] and resolved["data"]["class_path"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_every_method_overlay_parses_on_the_tiny_recipe(overlay, capsys):
+    code, _, err = run_cli(["fit", "-c", "configs/bert/tiny.yaml", "-c", str(overlay), "--print_config"], capsys)
+    assert code == 0, err
+
+
+def test_tiny_recipe_trains_end_to_end(tmp_path, monkeypatch, sample_corpus, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO_ROOT / "configs" / "bert" / "tiny.yaml"
+    code, _, err = run_cli(
+        [
+            "fit", "-c", str(recipe),
+            f"--data.init_args.sources=[{sample_corpus}]",
+            "--data.init_args.tokenizer_vocab_size=500",
+            "--data.init_args.val_size=16",
+            "--budget.budget=0.00003",  # 0.108 s of the tiny-cpu reference
+            "--budget.allow_profile_mismatch=true",  # the profile was measured with the full sample corpus
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1",
+            "--throughput.log_every_n_steps=2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "bert-tiny" / "version_0"
+    # The run stopped where the planner says the budget runs out.
+    profile = RSTProfile.load(REPO_ROOT / "configs" / "rst" / "tiny-cpu.yaml")
+    expected = plan("baseline", PlanSettings(profile, 16, 16, 64, "AdamW", argparse.Namespace()), 0.00003)
+    checkpoint = torch.load(next((run_dir / "checkpoints").glob("*.ckpt")), weights_only=False)
+    assert checkpoint["global_step"] == expected["updates"]
+    assert checkpoint["reference_clock"]["rst_seconds"] == pytest.approx(expected["rst_hours"] * 3600)
+    assert (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    tags = _tensorboard_tags(run_dir)
+    assert {"train/loss", "train/lr", "train/tokens_per_second", "val/loss", "val/perplexity", "rst/seconds"} <= tags
+    # The export loads with plain transformers, tokenizer included.
+    model = AutoModelForMaskedLM.from_pretrained(run_dir / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf")
+    assert model.config.vocab_size == len(tokenizer)
+    with torch.no_grad():
+        logits = model(**tokenizer("alice was beginning to get very tired", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+
+
+def _tensorboard_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--data.init_args.sources=[/nonexistent/corpus.txt]", "corpus source not found"),
+        ("--model.init_args.backbone=gpt9", "unknown backbone 'gpt9'"),
+        ("--data.init_args.seq_len=128", "seq_len 128 exceeds the model's maximum"),
+    ],
+)
+def test_bad_input_prints_one_line_before_training(override, message, tmp_path, monkeypatch, sample_corpus, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = REPO_ROOT / "configs" / "bert" / "tiny.yaml"
+    code, _, err = run_cli(
+        ["fit", "-c", str(recipe), f"--data.init_args.sources=[{sample_corpus}]",
+         "--data.init_args.tokenizer_vocab_size=500", override],
+        capsys,
+    )
+    assert code == 2
+    error_lines = [line for line in err.splitlines() if line.startswith("ntng: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
