@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import BertPreTrainedModel, RobertaPreLayerNormPreTrainedModel, T5PreTrainedModel
+from transformers import BertPreTrainedModel, PreTrainedModel, RobertaPreLayerNormPreTrainedModel, T5PreTrainedModel
 
 from app.errors import ConfigurationError
 
@@ -54,6 +55,8 @@ class _Stack:
     active: tuple[int, ...]
     subset: nn.ModuleList | None = None  # None while all layers are active: nothing to swap
     depth: int = 0  # forward calls of the owner in progress (re-entrant calls swap/restore once)
+    scales: dict[int, float] = field(default_factory=dict)  # residual-branch scale per layer (1 if absent)
+    scale_hooks: bool = False  # whether the per-layer scaling hooks are registered
 
     def swap_in(self, owner: nn.Module, args: Any) -> None:
         self.depth += 1
@@ -67,6 +70,21 @@ class _Stack:
         self.depth -= 1
         if self.depth == 0:
             setattr(owner, self.attr, self.full)
+
+
+def _scaled_output(scales: dict[int, float], index: int):
+    """Forward hook scaling layer ``index``'s residual function: ``y' = x + s * (y - x)``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        scale = scales.get(index, 1.0)
+        if scale == 1.0:
+            return None
+        inputs = args[0] if args else kwargs["hidden_states"]
+        hidden = output[0] if isinstance(output, tuple) else output
+        scaled = inputs + scale * (hidden - inputs)
+        return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
+
+    return hook
 
 
 def _find_stacks(model: nn.Module) -> tuple[str, dict[str, tuple[nn.Module, str]]]:
@@ -248,6 +266,40 @@ class LayerAdapter:
             for name, layer_ids in previous.items():
                 self.set_active_layers(layer_ids, name)
 
+    def set_output_scales(self, scales: dict[int, float] | None, stack: str | None = None) -> None:
+        """Scales the residual function of layers: layer ``i`` computes ``x + scales[i] * (f(x) - x)``.
+
+        Stochastic depth and PLD's inverted-dropout convention scale a kept layer's residual branch by
+        ``1/p`` so its expected contribution matches the full model's. We scale the *whole* layer's
+        residual ``f(x) - x``, which for a Pre-LN layer (RoBERTa-PreLN, T5) is exactly the sum of its
+        attention and feed-forward branches. A Post-LN layer ends in a LayerNorm, so ``f(x) - x`` is
+        not a residual branch there, and scaling is refused for BERT.
+
+        Args:
+            scales: Layer index to scale (layers not listed use 1); ``None`` or ``{}`` removes all scales.
+            stack: The stack to change, or ``None`` for every stack.
+
+        Raises:
+            ValueError: For a Post-LN BERT model (with any scale other than 1) or an invalid index.
+        """
+        scales = {self._check_index(i, name, "layer index"): float(v)
+                  for name in self._selected(stack) for i, v in (scales or {}).items()}
+        if self.family == "bert" and any(v != 1.0 for v in scales.values()):
+            raise ValueError("output scaling needs a Pre-LN layer (x + branch); BERT is Post-LN, use "
+                             "roberta-prelayernorm or disable scaling")
+        for name in self._selected(stack):
+            state = self._stacks[name]
+            if not state.scale_hooks:
+                for index, layer in enumerate(state.full):
+                    layer.register_forward_hook(_scaled_output(state.scales, index), with_kwargs=True)
+                state.scale_hooks = True
+            state.scales.clear()
+            state.scales.update({i: v for i, v in scales.items() if v != 1.0})
+
+    def output_scales(self, stack: str = "encoder") -> dict[int, float]:
+        """Returns the layers whose residual function is scaled, with their scales."""
+        return dict(self._stack(stack).scales)
+
     def copy_layer(
         self,
         src: int,
@@ -313,3 +365,36 @@ class LayerAdapter:
                     k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in src_state.items()
                 }
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:encoder|decoder)\.(?:layer|block)\.(\d+)\.")
+# Config fields that hold the depth of each family's stacks.
+_DEPTH_FIELDS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
+
+
+def truncated_model(model: PreTrainedModel, depth: int) -> PreTrainedModel:
+    """A fresh copy of ``model`` keeping only the first ``depth`` layers of every stack.
+
+    Layer stacking grows a prefix of the stacks; when a budget ends before the last growth, the
+    model that was trained is that prefix, so this is what gets exported (with its config saying
+    so), never the untrained layers behind it.
+
+    Args:
+        model: an HF model this module supports.
+        depth: layers to keep in each stack (from the bottom).
+
+    Returns:
+        A new model of the same class whose config and weights hold ``depth`` layers per stack.
+    """
+    config = copy.deepcopy(model.config)
+    for name in _DEPTH_FIELDS:
+        if getattr(config, name, None) is not None:
+            setattr(config, name, depth)
+    pruned = type(model)(config)
+    state = {
+        key: value
+        for key, value in model.state_dict().items()
+        if (match := _LAYER_KEY.search(key)) is None or int(match.group(1)) < depth
+    }
+    pruned.load_state_dict(state)
+    return pruned

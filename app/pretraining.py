@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torchmetrics.aggregation import MeanMetric
 from app.backbones import build_masked_lm, masked_lm_logits, max_sequence_length
 from app.clock import ReferenceClock
 from app.errors import ConfigurationError
-from app.layers import LayerAdapter
+from app.layers import LayerAdapter, truncated_model
 from app.optim import weight_decay_groups
 from app.schedules import LRSchedule, OneCycleTriangle
 
@@ -100,6 +100,15 @@ class MaskedLanguageModel(LightningModule):
         self.seq_len = seq_len
         self.val_loss = MeanMetric()
         self.clock: ReferenceClock | None = None
+        # Layers (a prefix of every stack) that make up the model for validation and export;
+        # None means all. Layer stacking grows it; other methods leave it alone.
+        self.model_depth: int | None = None
+        # Extra LR multipliers by name, as functions of budget progress (e.g. a re-warm after growth).
+        self.lr_adjustments: dict[str, Callable[[float], float]] = {}
+
+    def model_layers(self) -> list[int] | None:
+        """Indices of the layers that make up the model now (``None``: all of them)."""
+        return None if self.model_depth is None else list(range(self.model_depth))
 
     # -- the clock --------------------------------------------------------------------------------
 
@@ -169,8 +178,9 @@ class MaskedLanguageModel(LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Validation always measures the whole model, whatever a method has switched off.
-        with self.layers.active(None):
+        # Validation measures the whole model (for stacking: as grown so far), whatever a method has
+        # switched off for training.
+        with self.layers.active(self.model_layers()):
             loss = self.mlm_loss(batch)
         self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
 
@@ -206,7 +216,10 @@ class MaskedLanguageModel(LightningModule):
         # schedule reaches its final value exactly on the step that spends the budget.
         if self.clock is not None:
             self.clock.charge_optimizer_step(type(optimizer).__name__)
-        multiplier = self.lr_schedule(self.budget_progress())
+        progress = self.budget_progress()
+        multiplier = self.lr_schedule(progress)
+        for adjustment in self.lr_adjustments.values():
+            multiplier *= adjustment(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
         self.log("train/lr", optimizer.param_groups[0]["lr"])
@@ -214,19 +227,22 @@ class MaskedLanguageModel(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.clock is not None:
             checkpoint["reference_clock"] = self.clock.state_dict()
+        checkpoint["model_depth"] = self.model_depth
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A resumed run continues the same clock exactly (the budget callback attached it in setup).
         if self.clock is not None and "reference_clock" in checkpoint:
             self.clock.load_state_dict(checkpoint["reference_clock"])
+        self.model_depth = checkpoint.get("model_depth")
 
     # -- export -----------------------------------------------------------------------------------
 
     def export_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        """Write an HF checkpoint (``save_pretrained``) plus the tokenizer, full depth.
+        """Write an HF checkpoint (``save_pretrained``) plus the tokenizer, at the model's depth.
 
-        The exported config carries the dropout values of ``config`` (for fine-tuning), not the
-        pretraining dropout.
+        The export holds every layer, or for a stacked model only the layers grown so far (with
+        the config's depth updated). Its config carries the dropout values of ``config`` (for
+        fine-tuning), not the pretraining dropout.
 
         Args:
             directory: target directory, created if needed.
@@ -236,8 +252,11 @@ class MaskedLanguageModel(LightningModule):
             The directory.
         """
         directory = Path(directory)
-        with self.layers.active(None):
-            self.model.save_pretrained(directory)
+        if self.model_depth is not None and self.model_depth < self.layers.num_layers():
+            truncated_model(self.model, self.model_depth).save_pretrained(directory)
+        else:
+            with self.layers.active(None):
+                self.model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory

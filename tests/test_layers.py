@@ -341,3 +341,33 @@ def test_bad_stack_copy_and_model_raise() -> None:
         adapter.copy_layer(0, 4)
     with pytest.raises(ValueError, match="RoBERTa-PreLayerNorm.*T5"):
         LayerAdapter(nn.Linear(4, 4))
+
+
+def test_output_scale_zero_equals_skipping_and_one_is_identity() -> None:
+    model, batch = _roberta_preln(), {"input_ids": torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))}
+    adapter = LayerAdapter(model)
+    with torch.no_grad():
+        base = model(**batch).logits
+        adapter.set_output_scales({1: 1.0})
+        assert torch.equal(model(**batch).logits, base)
+        with adapter.active([0, 2, 3]):
+            skipped = model(**batch).logits
+        adapter.set_output_scales({1: 0.0})
+        torch.testing.assert_close(model(**batch).logits, skipped)
+        adapter.set_output_scales({1: 2.0})
+        assert not torch.allclose(model(**batch).logits, base)
+        adapter.set_output_scales(None)
+        assert torch.equal(model(**batch).logits, base) and adapter.output_scales() == {}
+
+
+def test_output_scales_on_t5_blocks_and_refused_for_post_ln_bert() -> None:
+    model = _t5()
+    adapter = LayerAdapter(model)
+    batch = _t5_batch()
+    with torch.no_grad():
+        with adapter.active([0, 1]):
+            without_block_2 = model(**batch).loss
+        adapter.set_output_scales({2: 0.0})
+        torch.testing.assert_close(model(**batch).loss, without_block_2)
+    with pytest.raises(ValueError, match="Post-LN"):
+        LayerAdapter(_bert()).set_output_scales({0: 2.0})

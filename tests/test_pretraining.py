@@ -106,3 +106,25 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_schedules_hit_their_defining_points(schedule, points):
     for progress, expected in points.items():
         assert schedule(progress) == pytest.approx(expected, abs=1e-9)
+
+
+def test_export_at_a_grown_depth_holds_only_the_trained_layers(tmp_path):
+    model = tiny_model().eval()
+    model.model_depth = 1  # as layer stacking leaves it before its next growth
+    model.export_pretrained(tmp_path / "hf")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    assert loaded.config.num_hidden_layers == 1 and len(loaded.roberta_prelayernorm.encoder.layer) == 1
+    batch = mlm_batch()
+    with torch.no_grad(), model.layers.active([0]):
+        expected, _ = masked_lm_logits(model.model, model.family, batch["input_ids"], None)
+    torch.testing.assert_close(loaded(input_ids=batch["input_ids"]).logits, expected, rtol=0, atol=0)
+
+
+def test_lr_adjustments_multiply_the_schedule():
+    model = tiny_model(lr_schedule=OneCycleTriangle())
+    model.lr_adjustments["half"] = lambda progress: 0.5
+    model.budget_progress = lambda: 0.5  # the schedule's peak
+    optimizer = model.configure_optimizers()
+    model.log = lambda *args, **kwargs: None
+    model.on_before_optimizer_step(optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * optimizer.param_groups[0]["initial_lr"])
