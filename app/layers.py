@@ -296,6 +296,18 @@ class LayerAdapter:
             state.scales.clear()
             state.scales.update({i: v for i, v in scales.items() if v != 1.0})
 
+    @contextlib.contextmanager
+    def unscaled(self) -> Iterator[None]:
+        """Temporarily removes every output scale (evaluation runs the plain model); restores on exit."""
+        saved = {name: dict(state.scales) for name, state in self._stacks.items()}
+        for state in self._stacks.values():
+            state.scales.clear()
+        try:
+            yield
+        finally:
+            for name, scales in saved.items():
+                self._stacks[name].scales.update(scales)
+
     def output_scales(self, stack: str = "encoder") -> dict[int, float]:
         """Returns the layers whose residual function is scaled, with their scales."""
         return dict(self._stack(stack).scales)

@@ -62,7 +62,8 @@ class MaskedLanguageModel(LightningModule):
         lr_schedule: LRSchedule | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        # Objects stay out of hparams: checkpoints load with weights_only=True (config.yaml has them).
+        self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
         overrides = dict(config or {})
         if checkpoint is None:
             if vocab_size is not None:
@@ -105,6 +106,7 @@ class MaskedLanguageModel(LightningModule):
         self.model_depth: int | None = None
         # Extra LR multipliers by name, as functions of budget progress (e.g. a re-warm after growth).
         self.lr_adjustments: dict[str, Callable[[float], float]] = {}
+        self._stepping = False
 
     def model_layers(self) -> list[int] | None:
         """Indices of the layers that make up the model now (``None``: all of them)."""
@@ -180,7 +182,7 @@ class MaskedLanguageModel(LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Validation measures the whole model (for stacking: as grown so far), whatever a method has
         # switched off for training.
-        with self.layers.active(self.model_layers()):
+        with self.layers.active(self.model_layers()), self.layers.unscaled():
             loss = self.mlm_loss(batch)
         self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
 
@@ -202,21 +204,27 @@ class MaskedLanguageModel(LightningModule):
         """Fraction of the training budget spent, counting the step now being taken.
 
         With a budgeted clock this is the clock's progress (whatever a step costs); otherwise the
-        fraction of ``trainer.max_steps`` (or the epochs' steps) taken.
+        fraction of ``trainer.max_steps`` (or the epochs' steps) taken. Either way it counts what has
+        been charged: at a batch's start the coming update is not included, when the LR is set
+        right before the update it is.
         """
         if self.clock is not None and self.clock.budget is not None:
             return self.clock.progress
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ConfigurationError("set trainer.max_steps (or max_epochs) so the LR schedule has an end")
-        return (self.trainer.global_step + 1) / total
+        return min((self.trainer.global_step + self._stepping) / total, 1.0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Set the LR right before the update from the progress *including* this step, so the
         # schedule reaches its final value exactly on the step that spends the budget.
         if self.clock is not None:
             self.clock.charge_optimizer_step(type(optimizer).__name__)
-        progress = self.budget_progress()
+        self._stepping = True  # the update being taken counts from here on
+        try:
+            progress = self.budget_progress()
+        finally:
+            self._stepping = False
         multiplier = self.lr_schedule(progress)
         for adjustment in self.lr_adjustments.values():
             multiplier *= adjustment(progress)
@@ -255,7 +263,7 @@ class MaskedLanguageModel(LightningModule):
         if self.model_depth is not None and self.model_depth < self.layers.num_layers():
             truncated_model(self.model, self.model_depth).save_pretrained(directory)
         else:
-            with self.layers.active(None):
+            with self.layers.active(None), self.layers.unscaled():
                 self.model.save_pretrained(directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

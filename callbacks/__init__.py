@@ -1,1 +1,6 @@
-"""Lightning callbacks: one module per efficiency method, the budget callback, monitoring."""
+"""Lightning callbacks: one module per efficiency method, the budget callback, monitoring.
+
+Importing the package registers every method's planner with ``ntng plan``.
+"""
+
+from callbacks import layer_drop, random_path, stacking  # noqa: F401  (planner registration)

@@ -62,3 +62,19 @@ def require_unused_parameter_support(trainer: Trainer, method: str) -> None:
                 f"{method} leaves some layers without gradients, which plain DDP rejects; "
                 "set trainer.strategy=ddp_find_unused_parameters_true"
             )
+
+
+def common_depth(layers, method: str) -> int:
+    """The depth shared by every stack (the methods change the same indices in encoder and decoder).
+
+    Args:
+        layers: the module's ``LayerAdapter``, or a depth per stack (a profile's ``model.layers``).
+        method: the method's name, for the message.
+
+    Raises:
+        ConfigurationError: when the stacks differ in depth.
+    """
+    depths = layers if isinstance(layers, dict) else {s: layers.num_layers(s) for s in layers.stack_names}
+    if len(set(depths.values())) != 1:
+        raise ConfigurationError(f"{method} changes the same layers in every stack, whose depths differ: {depths}")
+    return next(iter(depths.values()))

@@ -371,3 +371,12 @@ def test_output_scales_on_t5_blocks_and_refused_for_post_ln_bert() -> None:
         torch.testing.assert_close(model(**batch).loss, without_block_2)
     with pytest.raises(ValueError, match="Post-LN"):
         LayerAdapter(_bert()).set_output_scales({0: 2.0})
+
+
+def test_unscaled_context_removes_and_restores_scales() -> None:
+    model = _roberta_preln()
+    adapter = LayerAdapter(model)
+    adapter.set_output_scales({1: 2.0, 2: 0.5})
+    with adapter.unscaled():
+        assert adapter.output_scales() == {}
+    assert adapter.output_scales() == {1: 2.0, 2: 0.5}
