@@ -93,12 +93,16 @@ def calibrate_module(module, batch: dict, forward_context, warmup: int = 3, repe
     loss.backward()
     optimizer_seconds = median_seconds(step, warmup, repeats, device)
     optimizer.zero_grad(set_to_none=True)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    share = {stack: sum(p.numel() for p in layers.layers(stack)[-1].parameters()) / trainable
+             for stack in layers.stack_names}
     return RSTProfile(
         name="",
         reference_tokens=int(batch["input_ids"].numel()),
         passes=passes,
         optimizer_step_seconds={type(optimizer).__name__: optimizer_seconds},
         model=module.model_signature(),
+        layer_parameter_share=share,
     )
 
 

@@ -95,9 +95,19 @@ class ReferenceClock:
             self.tokens_scored += tokens
         return seconds
 
-    def charge_optimizer_step(self, optimizer_name: str) -> float:
-        """Pay for one optimizer update (extra seconds the profile lists for this optimizer)."""
-        seconds = self.cost_model.optimizer_seconds(optimizer_name)
+    def charge_optimizer_step(self, optimizer_name: str, updated_fraction: float = 1.0) -> float:
+        """Pay for one optimizer update.
+
+        Args:
+            optimizer_name: the optimizer's class name (profiles price optimizers separately).
+            updated_fraction: share of the trainable parameters that had a gradient. PyTorch
+                optimizers skip parameters whose grad is None, so a step at reduced depth updates
+                fewer of them; the profile's full-depth cost is scaled by this share.
+
+        Returns:
+            The seconds charged.
+        """
+        seconds = self.cost_model.optimizer_seconds(optimizer_name) * updated_fraction
         self.rst_seconds += seconds
         self.optimizer_steps += 1
         return seconds

@@ -65,6 +65,9 @@ class RSTProfile:
             what the pass costs already include (0 where the table was timed with that optimizer).
         model: the model signature the profile was measured for.
         provenance: device, precision, software, date, source; free-form.
+        layer_parameter_share: share of the trainable parameters in one layer, per stack. An
+            optimizer step at reduced depth updates only the parameters that had a gradient, so
+            its cost is scaled by the share updated (``ntng calibrate`` measures it).
     """
 
     name: str
@@ -73,6 +76,7 @@ class RSTProfile:
     optimizer_step_seconds: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    layer_parameter_share: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> "RSTProfile":
@@ -103,6 +107,7 @@ class RSTProfile:
                 optimizer_step_seconds={k: float(v) for k, v in (raw.get("optimizer_step_seconds") or {}).items()},
                 model=dict(raw.get("model") or {}),
                 provenance=dict(raw.get("provenance") or {}),
+                layer_parameter_share={k: float(v) for k, v in (raw.get("layer_parameter_share") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigurationError(f"malformed RST profile {path}: {err!r}") from err
@@ -127,6 +132,7 @@ class RSTProfile:
                 for kind, cost in self.passes.items()
             },
             "optimizer_step_seconds": {k: round(v, 6) for k, v in self.optimizer_step_seconds.items()},
+            "layer_parameter_share": {k: round(v, 6) for k, v in self.layer_parameter_share.items()},
         }
         return yaml.safe_dump(document, sort_keys=False)
 
@@ -136,9 +142,20 @@ class RSTProfile:
             raise ConfigurationError(f"RST profile {self.name!r} has no {kind!r} cost")
         return self.passes[kind].seconds(active_layers) * tokens / self.reference_tokens
 
-    def optimizer_seconds(self, optimizer_name: str) -> float:
-        """Extra seconds per optimizer step (0 for optimizers the table already includes)."""
-        return self.optimizer_step_seconds.get(optimizer_name, 0.0)
+    def optimizer_seconds(self, optimizer_name: str, active_layers: Mapping[str, float] | None = None) -> float:
+        """Extra seconds per optimizer step (0 for optimizers the table already includes).
+
+        Args:
+            optimizer_name: the optimizer's class name.
+            active_layers: (expected) active depth per stack; with ``layer_parameter_share`` the
+                full-depth cost is scaled by the share of parameters a step at that depth updates.
+        """
+        seconds = self.optimizer_step_seconds.get(optimizer_name, 0.0)
+        if active_layers is None or not self.layer_parameter_share:
+            return seconds
+        full = self.model.get("layers") or {}
+        idle = sum(self.layer_parameter_share.get(s, 0.0) * (full.get(s, n) - n) for s, n in active_layers.items())
+        return seconds * (1.0 - idle)
 
     def check_signature(self, signature: Mapping[str, Any], allow_mismatch: bool = False) -> list[str]:
         """Compare the profile's model signature with the run's.
@@ -194,7 +211,7 @@ class AnalyticFlops:
     def seconds(self, kind: str, tokens: int, active_layers: Mapping[str, int]) -> float:
         return self.flops(kind, tokens, active_layers) / self.flops_per_second
 
-    def optimizer_seconds(self, optimizer_name: str) -> float:
+    def optimizer_seconds(self, optimizer_name: str, active_layers: Mapping[str, float] | None = None) -> float:
         return 0.0
 
 

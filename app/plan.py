@@ -81,7 +81,8 @@ def register_planner(name: str, options: Callable[[argparse.ArgumentParser], Non
 def plan_baseline(settings: PlanSettings, progress: float) -> UpdateCost:
     """Every micro-batch runs forward+backward at full depth."""
     per_micro = settings.profile.seconds("forward_backward", settings.micro_batch_tokens, settings.full_depth())
-    seconds = settings.micro_batches * per_micro + settings.profile.optimizer_seconds(settings.optimizer)
+    optimizer = settings.profile.optimizer_seconds(settings.optimizer, settings.full_depth())
+    seconds = settings.micro_batches * per_micro + optimizer
     return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * settings.micro_batch_tokens)
 
 

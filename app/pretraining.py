@@ -219,7 +219,7 @@ class MaskedLanguageModel(LightningModule):
         # Set the LR right before the update from the progress *including* this step, so the
         # schedule reaches its final value exactly on the step that spends the budget.
         if self.clock is not None:
-            self.clock.charge_optimizer_step(type(optimizer).__name__)
+            self.clock.charge_optimizer_step(type(optimizer).__name__, _updated_fraction(optimizer))
         self._stepping = True  # the update being taken counts from here on
         try:
             progress = self.budget_progress()
@@ -268,3 +268,13 @@ class MaskedLanguageModel(LightningModule):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory
+
+
+def _updated_fraction(optimizer: torch.optim.Optimizer) -> float:
+    """Share of the optimizer's parameter elements that have a gradient (and so get updated)."""
+    total = updated = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            total += param.numel()
+            updated += param.numel() if param.grad is not None else 0
+    return updated / total if total else 1.0

@@ -126,9 +126,13 @@ def plan_layer_drop(settings: PlanSettings, progress: float) -> UpdateCost:
                        getattr(options, "pld_gamma_f", DEFAULT_GAMMA_F))
     probabilities = keep_probabilities(theta, depths.pop(), keep_first=settings.profile.model.get("family") == "t5")
     tokens = settings.micro_batch_tokens
+    distribution = depth_distribution(probabilities)
     per_micro = sum(mass * settings.profile.seconds("forward_backward", tokens, {stack: depth for stack in full})
-                    for depth, mass in enumerate(depth_distribution(probabilities)) if mass > 0.0)
-    seconds = settings.micro_batches * per_micro + settings.profile.optimizer_seconds(settings.optimizer)
+                    for depth, mass in enumerate(distribution) if mass > 0.0)
+    # The optimizer's cost is linear in the depth updated, so its expectation is its cost at the mean depth.
+    mean_depth = sum(depth * mass for depth, mass in enumerate(distribution))
+    optimizer = settings.profile.optimizer_seconds(settings.optimizer, {stack: mean_depth for stack in full})
+    seconds = settings.micro_batches * per_micro + optimizer
     return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * tokens)
 
 

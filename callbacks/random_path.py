@@ -277,5 +277,7 @@ def plan_raptr(settings: PlanSettings, progress: float) -> UpdateCost:
     distribution = path_length_distribution(lengths[stage_index(progress, fractions)], num_layers, len(fixed), sampling)
     per_micro = sum(q * settings.profile.seconds("forward_backward", settings.micro_batch_tokens,
                                                  dict.fromkeys(stacks, n)) for n, q in distribution.items())
-    seconds = settings.micro_batches * per_micro + settings.profile.optimizer_seconds(settings.optimizer)
+    mean_length = sum(n * q for n, q in distribution.items())  # the optimizer's cost is linear in depth
+    optimizer = settings.profile.optimizer_seconds(settings.optimizer, dict.fromkeys(stacks, mean_length))
+    seconds = settings.micro_batches * per_micro + optimizer
     return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * settings.micro_batch_tokens)

@@ -264,7 +264,8 @@ def update_cost(settings: PlanSettings, progress: float, schedule: GrowthSchedul
     per_micro = settings.profile.seconds(
         "forward_backward", settings.micro_batch_tokens, {stack: depth for stack in settings.full_depth()}
     )
-    seconds = settings.micro_batches * per_micro + settings.profile.optimizer_seconds(settings.optimizer)
+    optimizer = settings.profile.optimizer_seconds(settings.optimizer, {stack: depth for stack in settings.full_depth()})
+    seconds = settings.micro_batches * per_micro + optimizer
     return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * settings.micro_batch_tokens)
 
 

@@ -132,3 +132,13 @@ def test_plan_unknown_method_lists_the_known_ones():
     settings = PlanSettings(profile, 1536, 128, 128, "AdamW", argparse.Namespace())
     with pytest.raises(ConfigurationError, match="known: .*baseline"):
         plan("nope", settings, 1.0)
+
+
+def test_optimizer_step_cost_scales_with_the_parameters_updated(tmp_path):
+    profile = RSTProfile.load(write_profile(tmp_path / "p.yaml", {2: 1.0}))
+    profile.optimizer_step_seconds, profile.layer_parameter_share = {"AdamW": 0.2}, {"encoder": 0.25}
+    assert profile.optimizer_seconds("AdamW") == pytest.approx(0.2)
+    assert profile.optimizer_seconds("AdamW", {"encoder": 2}) == pytest.approx(0.2)
+    assert profile.optimizer_seconds("AdamW", {"encoder": 1}) == pytest.approx(0.2 * 0.75)
+    clock = ReferenceClock(profile, AnalyticFlops({"encoder": 1}, 0, 1.0))
+    assert clock.charge_optimizer_step("AdamW", updated_fraction=0.75) == pytest.approx(0.15)

@@ -128,3 +128,15 @@ def test_lr_adjustments_multiply_the_schedule():
     model.log = lambda *args, **kwargs: None
     model.on_before_optimizer_step(optimizer)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * optimizer.param_groups[0]["initial_lr"])
+
+
+def test_updated_fraction_counts_parameters_with_gradients():
+    from app.pretraining import _updated_fraction
+
+    model = tiny_model()
+    optimizer = model.configure_optimizers()
+    with model.layers.active([0]):
+        model.mlm_loss(mlm_batch()).backward()
+    layer = sum(p.numel() for p in model.layers.layers()[1].parameters())
+    total = sum(p.numel() for p in model.model.parameters())
+    assert _updated_fraction(optimizer) == pytest.approx(1 - layer / total)

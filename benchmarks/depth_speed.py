@@ -1,0 +1,109 @@
+"""Does a shallower step really cost what the profile says?
+
+Calibrates an RST profile for an 8-layer version of the quickstart model on this machine, then
+times real training steps (forward, backward, optimizer step) under the active sets each
+depth-changing method produces, and prints measured / predicted per scenario, side by side in one
+run: full depth, progressive layer dropping at its steady state, every RaPTr stage and every
+stacking stage. Scenarios are interleaved step by step and each reports the median of its
+per-step ratios. Goal: every ratio within 5 % of 1.
+
+    python benchmarks/depth_speed.py [--layers 8] [--steps 8] [--micro-batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from app.calibrate import calibrate_module
+from app.pretraining import MaskedLanguageModel
+from callbacks.layer_drop import keep_probabilities, keep_ratio, sample_active_layers
+from callbacks.random_path import resolve_schedule, sample_path
+from callbacks.sampling import step_generator
+from callbacks.stacking import GrowthSchedule
+from datamodules.pretraining import PretrainingDataModule
+
+
+def scenarios(num_layers: int, steps: int) -> dict[str, list[list[int]]]:
+    """Active sets per step for each scenario, drawn with the methods' own functions."""
+    pld = keep_probabilities(keep_ratio(1.0), num_layers)
+    result = {"full depth": [list(range(num_layers))] * steps}
+    result["PLD steady state (theta 0.5)"] = [
+        sample_active_layers(pld, step_generator(0, step, 0)) for step in range(steps * 2)
+    ]
+    lengths, _, fixed = resolve_schedule(None, None, [0, -1], num_layers, None, "subset")
+    for stage, length in enumerate(lengths):
+        result[f"RaPTr stage {stage} (path {length})"] = [
+            sample_path(step_generator(0, step, 0), length, num_layers, fixed, "subset") for step in range(steps)
+        ]
+    for stage, depth in enumerate(GrowthSchedule(num_layers // 4, (0.125, 0.3)).depths()):
+        result[f"stacking stage {stage} (depth {depth})"] = [list(range(depth))] * steps
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per scenario (PLD: twice as many)")
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7, help="calibration repeats per depth")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = PretrainingDataModule(["datamodules/samples/gutenberg"], tokenizer_vocab_size=8192, seq_len=128,
+                                 val_size=64, micro_batch_size=args.micro_batch_size)
+    data.setup("fit")
+    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    module = MaskedLanguageModel(
+        config={"num_hidden_layers": args.layers, "hidden_size": 256, "num_attention_heads": 4,
+                "intermediate_size": 1024, "max_position_embeddings": 130},
+        vocab_size=data.vocab_size, pad_token_id=data.pad_token_id, seq_len=128,
+    )
+    profile = calibrate_module(module, batch, contextlib.nullcontext, warmup=2, repeats=args.repeats)
+    optimizer = module.configure_optimizers()
+    tokens = batch["input_ids"].numel()
+
+    def train_step(active: list[int]) -> float:
+        start = time.perf_counter()
+        with module.layers.active(active):
+            module.mlm_loss(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for _ in range(2):  # warm up the allocator and the optimizer state
+        train_step(list(range(args.layers)))
+
+    def predicted(active: list[int]) -> float:
+        # What the clock charges: the pass at its depth, the optimizer step for the parameters updated.
+        depth = {"encoder": len(active)}
+        return (profile.seconds("forward_backward", tokens, depth)
+                + profile.optimizer_seconds(type(optimizer).__name__, depth))
+
+    # Round-robin over scenarios, one step each, so drift on a noisy machine hits them all alike;
+    # each scenario reports the median of its per-step measured/predicted ratios (robust to spikes).
+    plans = scenarios(args.layers, args.steps)
+    step_ratios: dict[str, list[float]] = {name: [] for name in plans}
+    for position in range(max(len(sets) for sets in plans.values())):
+        for name, active_sets in plans.items():
+            if position < len(active_sets):
+                active = active_sets[position]
+                step_ratios[name].append(train_step(active) / predicted(active))
+    print(f"\n{args.layers}-layer model, hidden 256, micro-batch {args.micro_batch_size} x 128, "
+          f"profile calibrated in this run\n")
+    print(f"{'scenario':<34}{'mean depth':>11}{'predicted s/step':>18}{'median ratio':>14}")
+    ratios = []
+    for name, active_sets in plans.items():
+        ratios.append(statistics.median(step_ratios[name]))
+        depth = statistics.mean(len(active) for active in active_sets)
+        mean_predicted = statistics.mean(predicted(active) for active in active_sets)
+        print(f"{name:<34}{depth:>11.2f}{mean_predicted:>18.3f}{ratios[-1]:>14.3f}")
+    worst = max(abs(r - 1) for r in ratios)
+    print(f"\nworst |ratio - 1| = {worst:.3f} (goal: within 0.05)")
+
+
+if __name__ == "__main__":
+    main()
