@@ -69,6 +69,10 @@ def main(args: list[str] | None = None) -> None:
             from app.calibrate import main as calibrate_main
 
             calibrate_main(argv[1:])
+        elif argv[:1] == ["finetune"]:
+            from app.finetune import main as finetune_main
+
+            finetune_main(argv[1:])
         else:
             build_cli(argv)
     except Exception as err:

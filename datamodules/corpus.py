@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,19 +118,31 @@ def _read_txt(path: Path) -> Iterator[str]:
         yield "\n".join(lines)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for each non-blank line of a JSON-lines file (BOM tolerated).
+
+    Raises:
+        ConfigurationError: naming the file and line of invalid JSON or a non-object line.
+    """
+    with path.open(encoding="utf-8-sig") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigurationError(f"malformed JSON in {path} line {number}: {err.msg}") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ConfigurationError(f"{path} line {number} has no string field {text_field!r}")
-            yield text
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ConfigurationError(f"{path}, line {line}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigurationError(f"{path}, line {line}: expected a JSON object")
+            yield line, record
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for number, record in read_jsonl(path):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise ConfigurationError(f"{path} line {number} has no string field {text_field!r}")
+        yield text
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

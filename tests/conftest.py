@@ -25,6 +25,29 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NTNG_CACHE_DIR", str(tmp_path / "ntng-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second intra-op thread, and on a shared 2-core CPU its
+    # spin-waits made fits up to 100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``ntng`` in-process; returns (exit code, stdout, stderr)."""
+    from app.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def mlm_batch(vocab_size: int = 100, batch: int = 4, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random MLM batch with ~25 % of positions carrying labels (never none)."""
     generator = torch.Generator().manual_seed(seed)

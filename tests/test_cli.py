@@ -10,25 +10,15 @@ import torch
 import yaml
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from app.cli import main
 from app.cost_models import RSTProfile
 from app.plan import PlanSettings, plan
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_cli
 
 RECIPES = sorted(
     p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "rst" not in p.parts and "methods" not in p.parts
 )
 OVERLAYS = sorted((REPO_ROOT / "configs" / "methods").glob("*.yaml"))
 
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO_ROOT)))

@@ -76,7 +76,7 @@ def test_jsonl_text_field_and_malformed_line(tmp_path):
     assert list(iter_documents(resolve_sources([str(good)]), "body", None, "train", None)) == ["one", "two"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "one"}\n\n{"text": broken\n', encoding="utf-8")
-    with pytest.raises(ConfigurationError, match=r"bad\.jsonl line 3"):
+    with pytest.raises(ConfigurationError, match=r"bad\.jsonl, line 3"):
         list(iter_documents(resolve_sources([str(bad)]), "text", None, "train", None))
 
 

@@ -38,15 +38,6 @@ FB_SECONDS = {d: 0.05 + 0.1 * d for d in range(1, 7)}  # per micro-batch of 4 x 
 RTX3090 = REPO_ROOT / "configs" / "rst" / "ntng-bert-rtx3090.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second intra-op thread, and on a shared CPU its spin-waits can
-    # make a fit many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def six_layer_module(backbone: str = "roberta-prelayernorm") -> MaskedLanguageModel:
     torch.manual_seed(0)

@@ -1,0 +1,461 @@
+"""Scoring, aggregation and report files of ``ntng finetune``.
+
+Metrics are fractions in [0, 1] (tables show percent). Accuracy, F1, MCC and Pearson come from
+``torchmetrics`` functionals; Spearman is torchmetrics' Pearson of average ranks (its own
+``spearman_corrcoef`` adds 1e-6 to the denominator). Written by hand, because torchmetrics has
+none of them: the ranking, ReCoRD's SQuAD-style normalisation/token F1, MultiRC's grouping.
+
+Metric definitions and degenerate cases:
+    * ``f1``: binary F1 of class id 1; CB: macro-F1 over the classes present in labels or
+      predictions (as sklearn's default, which SuperGLUE's scorer uses); MultiRC: F1a, binary F1
+      over all answer options; ReCoRD: SQuAD token F1, max over gold answers, mean over queries
+      (one ``Example`` per query).
+    * ``exact_match``: MultiRC: share of questions (``Example.group``) with every answer right;
+      ReCoRD: normalised string match, max over gold answers.
+    * ``matthews``: 0 for constant predictions (torchmetrics' and sklearn's convention).
+    * ``pearson``/``spearman``: NaN when either vector is constant (undefined, as in scipy);
+      NaN propagates into every mean that uses it and is written as JSON ``null``.
+
+Aggregation (``summarize``): "tasks" holds the final epoch. "best_epoch" follows NTNG: for each seed
+and each metric separately, the maximum over epochs (NaN epochs skipped), so a task's metrics may
+come from different epochs; this selects on the dev set and is optimistic. MNLI-mm is the
+exception: NTNG evaluates it once after training, so its best-epoch value is its final one. With one seed a value is a float;
+with several it is ``{"mean", "std", "per_seed"}`` where std is the *sample* std (ddof=1).
+
+Averages, computed per seed from the values above and then aggregated like metrics; an average is
+``null`` when any component is missing, and the missing components are listed (``null`` with
+nothing missing means a NaN component):
+
+    ======================= ====================================================================
+    ``ntng_glue``           NTNG: mean of 9: QQP F1, QNLI acc, MRPC F1, MNLI-m acc, MNLI-mm acc,
+                            STS-B Pearson, SST-2 acc, RTE acc, CoLA MCC (WNLI excluded)
+    ``glue_score``          GLUE leaderboard: mean over CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI,
+                            RTE, WNLI of each task's metric mean (MRPC F1/acc, STS-B
+                            Pearson/Spearman, QQP F1/acc, MNLI m/mm acc); AX excluded
+    ``superglue_score``     SuperGLUE leaderboard: BoolQ acc, CB mean(acc, F1), COPA acc, MultiRC
+                            mean(F1a, EM), ReCoRD mean(F1, EM), RTE, WiC, WSC acc (AX-b/g excluded)
+    ``ntng_superglue``      NTNG paper: CB macro-F1, BoolQ, COPA, RTE, WiC, WSC acc (6)
+    ``ntng_superglue_code`` NTNG code: the paper's 6 plus MultiRC F1a (7)
+    ======================= ====================================================================
+
+Submission label formats (``write_submission``):
+
+    ================ =====================================================================
+    GLUE             TSV ``index\\tprediction``; label strings ``spec.label_names[id]``;
+                     STS-B floats clipped to [0, 5]; MNLI ``test_matched`` ->
+                     ``MNLI-m.tsv``, ``test_mismatched`` -> ``MNLI-mm.tsv``
+    BoolQ, WiC       JSONL ``{"idx", "label": "true"|"false"}`` (lower case)
+    WSC              ``"True"|"False"`` (capitalised)
+    CB, RTE, AX-b/g  the label name (``"entailment"``, ``"not_entailment"``, ...)
+    COPA             the chosen alternative's index (int)
+    ReCoRD           the chosen entity's text
+    MultiRC          one line per paragraph: ``{"idx": p, "passage": {"questions":
+                     [{"idx": q, "answers": [{"idx": a, "label": 0|1}]}]}}``
+    ================ =====================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics.functional import pearson_corrcoef
+from torchmetrics.functional.classification import (
+    binary_f1_score,
+    binary_matthews_corrcoef,
+    multiclass_accuracy,
+    multiclass_f1_score,
+    multiclass_matthews_corrcoef,
+)
+
+from datamodules.tasks import Example, TaskSpec
+
+# Averages as data: name -> parts; a part is the mean of its (report key, metric) components and
+# the average is the mean of its parts.
+_P = list[list[tuple[str, str]]]
+AVERAGES: dict[str, dict[str, _P]] = {
+    "glue": {
+        "ntng_glue": [[c] for c in [("qqp", "f1"), ("qnli", "accuracy"), ("mrpc", "f1"),
+                                    ("mnli-m", "accuracy"), ("mnli-mm", "accuracy"), ("stsb", "pearson"),
+                                    ("sst2", "accuracy"), ("rte", "accuracy"), ("cola", "matthews")]],
+        "glue_score": [[("cola", "matthews")], [("sst2", "accuracy")], [("mrpc", "f1"), ("mrpc", "accuracy")],
+                       [("stsb", "pearson"), ("stsb", "spearman")], [("qqp", "f1"), ("qqp", "accuracy")],
+                       [("mnli-m", "accuracy"), ("mnli-mm", "accuracy")], [("qnli", "accuracy")],
+                       [("rte", "accuracy")], [("wnli", "accuracy")]],
+    },
+    "superglue": {
+        "superglue_score": [[("boolq", "accuracy")], [("cb", "accuracy"), ("cb", "f1")], [("copa", "accuracy")],
+                            [("multirc", "f1"), ("multirc", "exact_match")],
+                            [("record", "f1"), ("record", "exact_match")], [("rte", "accuracy")],
+                            [("wic", "accuracy")], [("wsc", "accuracy")]],
+        "ntng_superglue": [[c] for c in [("cb", "f1"), ("boolq", "accuracy"), ("copa", "accuracy"),
+                                         ("rte", "accuracy"), ("wic", "accuracy"), ("wsc", "accuracy")]],
+    },
+}
+AVERAGES["superglue"]["ntng_superglue_code"] = AVERAGES["superglue"]["ntng_superglue"] + [[("multirc", "f1")]]
+
+
+# ----------------------------------------------------------------------------------------- scoring
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation (hand-written, as ReCoRD's official scorer): lower case, drop
+    punctuation and the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token-overlap F1 of two normalised strings."""
+    pred, ref = _normalize_answer(prediction).split(), _normalize_answer(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(sorted(key.items())) if isinstance(key, dict) else key
+
+
+def _question_key(example: Example) -> Any:
+    """MultiRC question of an answer option: ``group``, else the idx's paragraph and question."""
+    if example.group is not None:
+        return _hashable(example.group)
+    return (example.idx["paragraph"], example.idx["question"])
+
+
+def _average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank (scipy's ``rankdata``)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def _correlation(metric: str, preds: list[float], labels: list[float]) -> float:
+    """Pearson, or Spearman as the Pearson of average ranks; NaN for a constant vector.
+
+    torchmetrics' ``spearman_corrcoef`` adds 1e-6 to its denominator (biased on small sets) and
+    gives 0, not NaN, for constant input, so Spearman goes through its exact ``pearson_corrcoef``.
+    """
+    if len(set(preds)) < 2 or len(set(labels)) < 2:
+        return math.nan  # undefined; torchmetrics would warn and return NaN too
+    if metric == "spearman":
+        preds, labels = _average_ranks(preds), _average_ranks(labels)
+    return float(pearson_corrcoef(torch.tensor(preds, dtype=torch.float64),
+                                  torch.tensor(labels, dtype=torch.float64)))
+
+
+def score(spec: TaskSpec, examples: list[Example], predictions: list) -> dict[str, float]:
+    """Score predictions aligned with labelled examples.
+
+    Args:
+        spec: the task; its ``metrics`` are the keys returned, in order.
+        examples: labelled examples (``label`` not None).
+        predictions: class ids, floats (regression) or chosen candidate indices (multiple choice).
+
+    Returns:
+        ``{metric: fraction}`` for exactly ``spec.metrics``.
+
+    Raises:
+        ValueError: on length mismatch, no or unlabelled examples, or a metric the task cannot have.
+    """
+    if len(examples) != len(predictions):
+        raise ValueError(f"{spec.name}: {len(predictions)} predictions for {len(examples)} examples")
+    if not examples or any(example.label is None for example in examples):
+        raise ValueError(f"{spec.name}: nothing to score (no examples, or unlabelled ones)")
+    if spec.kind == "regression":
+        preds = [float(p) for p in predictions]
+        labels = [float(e.label) for e in examples]
+    else:
+        preds = [int(p) for p in predictions]
+        labels = [int(e.label) for e in examples]
+    results: dict[str, float] = {}
+    for metric in spec.metrics:
+        if spec.name == "record" and metric in ("f1", "exact_match"):
+            texts = [e.candidate_texts[p] for e, p in zip(examples, preds)]
+            if metric == "f1":
+                per_query = [max(_token_f1(t, g) for g in e.answers) for e, t in zip(examples, texts)]
+            else:
+                per_query = [max(float(_normalize_answer(t) == _normalize_answer(g)) for g in e.answers)
+                             for e, t in zip(examples, texts)]
+            results[metric] = sum(per_query) / len(per_query)
+        elif spec.name == "multirc" and metric == "exact_match":
+            # A question is right only when all of its answer options are (hand-written grouping).
+            right: dict[Any, bool] = {}
+            for example, pred, label in zip(examples, preds, labels):
+                key = _question_key(example)
+                right[key] = right.get(key, True) and pred == label
+            results[metric] = sum(right.values()) / len(right)
+        elif metric == "accuracy":
+            classes = max(2, len(spec.label_names), max(preds) + 1, max(labels) + 1)
+            results[metric] = float(multiclass_accuracy(torch.tensor(preds), torch.tensor(labels),
+                                                        num_classes=classes, average="micro"))
+        elif metric == "f1" and spec.name == "cb":
+            results[metric] = float(multiclass_f1_score(torch.tensor(preds), torch.tensor(labels),
+                                                        num_classes=len(spec.label_names), average="macro"))
+        elif metric == "f1":
+            results[metric] = float(binary_f1_score(torch.tensor(preds), torch.tensor(labels)))
+        elif metric == "matthews":
+            p, t = torch.tensor(preds), torch.tensor(labels)
+            if len(spec.label_names) > 2:
+                results[metric] = float(multiclass_matthews_corrcoef(p, t, num_classes=len(spec.label_names)))
+            else:
+                results[metric] = float(binary_matthews_corrcoef(p, t))
+        elif metric in ("pearson", "spearman"):
+            results[metric] = _correlation(metric, preds, labels)
+        else:
+            raise ValueError(f"{spec.name}: unknown metric {metric!r}")
+    return results
+
+
+# ------------------------------------------------------------------------------------- aggregation
+def _nanmax(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite) if finite else math.nan
+
+
+def aggregate(per_seed: dict[Any, float]) -> float | dict:
+    """One seed -> its float; several -> ``{"mean", "std" (sample, ddof=1), "per_seed"}``."""
+    values = [float(v) for v in per_seed.values()]
+    if len(values) == 1:
+        return values[0]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return {"mean": mean, "std": std, "per_seed": {str(s): float(v) for s, v in per_seed.items()}}
+
+
+def averages(task_values: dict[str, dict[str, float]], suite: str) -> dict[str, dict]:
+    """The suite's averages for ONE seed.
+
+    Returns:
+        ``{name: {"value": float | None, "missing": ["task/metric", ...], "components": [...]}}``;
+        ``value`` is None when anything is missing.
+    """
+    out = {}
+    for name, parts in AVERAGES[suite].items():
+        components = [f"{key}/{metric}" for part in parts for key, metric in part]
+        missing = [f"{key}/{metric}" for part in parts for key, metric in part
+                   if metric not in task_values.get(key, {})]
+        value = None
+        if not missing:
+            part_means = [sum(task_values[k][m] for k, m in part) / len(part) for part in parts]
+            value = sum(part_means) / len(part_means)
+        out[name] = {"value": value, "missing": missing, "components": components}
+    return out
+
+
+def aggregate_averages(per_seed_tasks: dict[Any, dict[str, dict[str, float]]], suite: str) -> dict[str, dict]:
+    """``averages`` per seed, then aggregated; a component missing in only some seeds is listed as
+    ``"task/metric (seeds 1, 2)"``."""
+    per_seed = {seed: averages(values, suite) for seed, values in per_seed_tasks.items()}
+    out = {}
+    for name, parts in AVERAGES[suite].items():
+        missing = []
+        for component in [f"{k}/{m}" for part in parts for k, m in part]:
+            lacking = [str(s) for s, avg in per_seed.items() if component in avg[name]["missing"]]
+            if lacking:
+                missing.append(component if len(lacking) == len(per_seed)
+                               else f"{component} (seeds {', '.join(lacking)})")
+        values = {s: avg[name]["value"] for s, avg in per_seed.items()}
+        value = None if missing or not values else aggregate(values)
+        out[name] = {"value": value, "missing": missing,
+                     "components": [f"{k}/{m}" for part in parts for k, m in part]}
+    return out
+
+
+def summarize(runs: dict[str, dict[int, list[dict[str, float]]]], suite: str | None = None) -> dict:
+    """Aggregate per-epoch dev metrics over epochs and seeds.
+
+    Args:
+        runs: ``runs[report_key][seed]`` = per-epoch metric dicts in epoch order.
+        suite: ``"glue"``/``"superglue"`` to add ``"averages"`` (final and best-epoch), computed
+            per seed; None to leave them out.
+
+    Returns:
+        ``{"tasks": {key: {metric: V}}, "best_epoch": {"tasks": ...}}`` (plus ``averages`` in both
+        when ``suite`` is given); V as in ``aggregate``.
+    """
+    final: dict[Any, dict[str, dict[str, float]]] = {}
+    best: dict[Any, dict[str, dict[str, float]]] = {}
+    for key, seeds in runs.items():
+        for seed, epochs in seeds.items():
+            if not epochs:
+                raise ValueError(f"{key}: seed {seed} has no evaluated epoch")
+            final.setdefault(seed, {})[key] = dict(epochs[-1])
+            # NTNG: each metric's own max over epochs; MNLI-mm is evaluated only after training.
+            best.setdefault(seed, {})[key] = dict(epochs[-1]) if key == "mnli-mm" else {
+                metric: _nanmax([float(e[metric]) for e in epochs]) for metric in epochs[-1]}
+
+    def collect(per_seed: dict[Any, dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+        tasks: dict[str, dict[str, Any]] = {}
+        for key in runs:
+            metrics = next(iter(runs[key].values()))[-1]
+            tasks[key] = {m: aggregate({s: v[key][m] for s, v in per_seed.items() if key in v and m in v[key]})
+                          for m in metrics}
+        return tasks
+
+    summary: dict = {"tasks": collect(final), "best_epoch": {"tasks": collect(best)}}
+    if suite is not None:
+        summary["averages"] = aggregate_averages(final, suite)
+        summary["best_epoch"]["averages"] = aggregate_averages(best, suite)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- writers
+def _json_safe(value: Any) -> Any:
+    """Plain JSON values: NaN/inf -> None, tensors/numpy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def results_document(suite: str, results: dict, skipped: dict[str, str], settings: dict) -> dict:
+    """The content of ``results.json`` from ``summarize(runs, suite)`` output (JSON-safe)."""
+    if "averages" not in results or "averages" not in results["best_epoch"]:
+        # Averages are exact only per seed, which a summary no longer pairs across tasks.
+        raise ValueError("results lack averages; build them with summarize(runs, suite)")
+    return _json_safe({"suite": suite, "tasks": results["tasks"], "averages": results["averages"],
+                       "best_epoch": results["best_epoch"], "skipped": dict(skipped), "settings": settings})
+
+
+def write_results(path: str | Path, suite: str, results: dict, skipped: dict[str, str], settings: dict) -> Path:
+    """Write ``results.json`` (into ``path`` if it is a directory, else to ``path`` ending ``.json``).
+
+    Args:
+        results: ``summarize(runs, suite)`` output.
+        skipped: task -> why it was not run. settings: the run's settings, written verbatim.
+    """
+    path = Path(path)
+    target = path if path.suffix == ".json" else path / "results.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    document = results_document(suite, results, skipped, settings)
+    target.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    return target
+
+
+def _cell(value: Any) -> str:
+    """Percent with one decimal, ``± std`` with several seeds; ``—`` when missing, ``n/a`` for NaN."""
+    if value is None:
+        return "—"
+    mean, std = (value["mean"], value["std"]) if isinstance(value, dict) else (value, None)
+    if mean is None or math.isnan(mean):  # NaN was written to JSON as null
+        return "n/a"
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+
+def markdown_table(results: dict, skipped: dict[str, str]) -> str:
+    """A Markdown report of ``results_document`` (or ``summarize``) output: one row per task with
+    final and best-epoch metrics, the averages below, then the skipped tasks and why."""
+    lines = ["| task | metrics | final | best epoch |", "|---|---|---|---|"]
+    best_tasks = results["best_epoch"]["tasks"]
+    for key, metrics in results["tasks"].items():
+        final = " / ".join(_cell(v) for v in metrics.values())
+        best = " / ".join(_cell(best_tasks.get(key, {}).get(m)) for m in metrics)
+        lines.append(f"| {key} | {' / '.join(metrics)} | {final} | {best} |")
+    best_avgs = results["best_epoch"].get("averages", {})
+    for name, avg in results.get("averages", {}).items():
+        parts = next(p for by_name in AVERAGES.values() for n, p in by_name.items() if n == name)
+        count = len(avg["components"])
+        note = (f"mean of {count} numbers" if count == len(parts)
+                else f"mean of {len(parts)} task scores ({count} numbers)")
+        if avg["missing"]:
+            note += f"; missing: {', '.join(avg['missing'])}"
+        best_value = best_avgs.get(name, {}).get("value")
+        lines.append(f"| **{name}** | {note} | {_cell(avg['value'])} | {_cell(best_value)} |")
+    if skipped:
+        lines += ["", "Skipped:"] + [f"- {task}: {reason}" for task, reason in skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_predictions(path: str | Path, spec: TaskSpec, examples: list[Example], predictions: list) -> Path:
+    """JSONL, one line per example: ``{"idx", "label", "prediction"}`` (+ ``"prediction_text"``, the
+    chosen entity, for ReCoRD). Labels/predictions are class ids, floats (STS-B) or candidate indices."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for example, pred in zip(examples, predictions, strict=True):
+            pred = float(pred) if spec.kind == "regression" else int(pred)
+            line = {"idx": example.idx, "label": example.label, "prediction": pred}
+            if spec.name == "record":
+                line["prediction_text"] = example.candidate_texts[pred]
+            handle.write(json.dumps(_json_safe(line)) + "\n")
+    return path
+
+
+_TEST_SUFFIX = {"test_matched": "m", "test_mismatched": "mm"}
+
+
+def _submission_path(directory: Path, spec: TaskSpec, split: str) -> Path:
+    default = spec.directory + (".tsv" if spec.suite == "glue" else ".jsonl")
+    name = Path(spec.submission_name or default)
+    if split in _TEST_SUFFIX:  # MNLI: one file per test split, MNLI-m.tsv and MNLI-mm.tsv
+        stem = re.sub(r"-(m|mm)$", "", name.stem)
+        name = Path(f"{stem}-{_TEST_SUFFIX[split]}{name.suffix}")
+    return directory / name
+
+
+def _superglue_label(spec: TaskSpec, example: Example, pred: int) -> Any:
+    if spec.name == "copa":
+        return pred
+    if spec.name == "record":
+        return example.candidate_texts[pred]
+    label = spec.label_names[pred] if spec.label_names else str(bool(pred))
+    if spec.name in ("boolq", "wic"):
+        return str(label).lower()
+    if spec.name == "wsc":
+        return str(label).capitalize()
+    return label
+
+
+def write_submission(directory: str | Path, spec: TaskSpec, split: str, examples: list[Example],
+                     predictions: list) -> Path:
+    """Write a leaderboard submission file for ``split`` (formats in the module docstring)."""
+    path = _submission_path(Path(directory), spec, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pairs = list(zip(examples, predictions, strict=True))
+    if spec.suite == "glue":
+        rows = ["index\tprediction"]
+        for example, pred in pairs:
+            if spec.kind == "regression":
+                value = repr(min(5.0, max(0.0, float(pred))))
+            else:
+                value = spec.label_names[int(pred)]
+            rows.append(f"{example.idx}\t{value}")
+        path.write_text("\n".join(rows) + "\n")
+        return path
+    if spec.name == "multirc":
+        # Regroup the per-answer predictions into paragraph -> question -> answers (hand-written).
+        passages: dict[Any, dict[Any, list[dict]]] = {}
+        for example, pred in pairs:
+            idx = example.idx
+            questions = passages.setdefault(idx["paragraph"], {})
+            questions.setdefault(idx["question"], []).append({"idx": idx["answer"], "label": int(pred)})
+        lines = [{"idx": p, "passage": {"questions": [{"idx": q, "answers": a} for q, a in qs.items()]}}
+                 for p, qs in passages.items()]
+    else:
+        lines = [{"idx": e.idx, "label": _superglue_label(spec, e, int(p))} for e, p in pairs]
+    path.write_text("".join(json.dumps(_json_safe(line)) + "\n" for line in lines))
+    return path
