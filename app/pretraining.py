@@ -180,17 +180,26 @@ class MaskedLanguageModel(LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Validation measures the whole model (for stacking: as grown so far), whatever a method has
-        # switched off for training.
+        # Evaluation measures the whole model (for stacking: as grown so far), whatever a method has
+        # switched off for training; it is never charged to the clock.
         with self.layers.active(self.model_layers()), self.layers.unscaled():
             loss = self.mlm_loss(batch)
         self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
 
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, prefix: str) -> None:
+        loss = self.val_loss.compute()  # token-weighted mean over the epoch
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=True)
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=True)
 
     # -- optimisation -----------------------------------------------------------------------------
 

@@ -387,6 +387,10 @@ class PretrainingDataModule(LightningDataModule):
             return []
         return self._loader(self._val, self.hparams.eval_batch_size or self.hparams.micro_batch_size, train=False)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out blocks again: a pretraining corpus has one held-out split (``ntng test``)."""
+        return self.val_dataloader()
+
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Mask the batch on the host: training uses the current epoch, everything else epoch 0."""
         training = self.trainer is not None and self.trainer.training

@@ -103,3 +103,17 @@ def test_bad_input_prints_one_line_before_training(override, message, tmp_path, 
     error_lines = [line for line in err.splitlines() if line.startswith("ntng: error:")]
     assert len(error_lines) == 1 and message in error_lines[0]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_validate_and_test_subcommands_evaluate_a_checkpoint(tmp_path, monkeypatch, sample_corpus, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["-c", str(REPO_ROOT / "configs" / "bert" / "tiny.yaml"), f"--data.sources=[{sample_corpus}]",
+              "--data.tokenizer_vocab_size=500", "--data.val_size=16", "--budget.allow_profile_mismatch=true",
+              "--trainer.enable_progress_bar=false"]
+    code, _, err = run_cli(["fit", *common, "--budget.budget=0.00001"], capsys)
+    assert code == 0, err
+    checkpoint = next((tmp_path / "runs" / "bert-tiny" / "version_0" / "checkpoints").glob("*.ckpt"))
+    for command, key in (("validate", "val/loss"), ("test", "test/loss")):
+        code, out, err = run_cli([command, *common, f"--ckpt_path={checkpoint}"], capsys)
+        assert code == 0, err
+        assert key in out
