@@ -17,8 +17,9 @@ Outputs under ``--output`` (default ``<model>/finetune-<suite>``)::
     tensorboard/<task>/seed_<N>/               per-run curves; tensorboard/summary/ the averages
 
 A task whose train or dev data is missing is skipped with a printed line and its reason in the
-report. Data are read from the original files only (GLUE TSVs, SuperGLUE JSONL): nothing is
-downloaded; the reason for a missing file names the task's hub dataset for users who fetch it.
+report. Data are read from the original files (GLUE TSVs, SuperGLUE JSONL), or with ``--data-dir hub``
+from each task's Hugging Face hub dataset (``datamodules.hub_tasks``; a hub that cannot be reached
+skips the task); the reason for a missing file names the task's hub dataset.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -44,6 +46,7 @@ from app.errors import ConfigurationError
 from app.evaluation import markdown_table, score, summarize, write_predictions, write_results, write_submission
 from app.finetuning import SUITE_LEARNING_RATES, FineTuner, load_config, predict
 from datamodules.finetuning import TaskDataModule
+from datamodules.hub_tasks import HUB
 from datamodules.tasks import MissingTaskData, TaskSpec, get_task, report_name, suite_tasks
 
 # NTNG's fine-tuning epochs per suite (cramming GLUE_sane: 5; NTNG SuperGLUE: 10).
@@ -83,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="task names, comma- or space-separated (default: every task of the suite)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="fine-tuning seeds (default: 0)")
-    parser.add_argument("--data-dir", default=None, help="suite data directory (default: data/<suite>)")
+    parser.add_argument("--data-dir", default=None,
+                        help="suite data directory (default: data/<suite>), or 'hub' to read every task from "
+                             "its Hugging Face hub dataset (a local directory named hub: ./hub)")
     parser.add_argument("--output", default=None, help="output directory (default: <model>/finetune-<suite>)")
     parser.add_argument("--max-epochs", type=int, default=None, help="epochs (default: GLUE 5, SuperGLUE 10)")
     parser.add_argument("--lr", type=float, default=None,
@@ -97,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (one device is used)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     return parser
+
+
+def _data_dir(value: str) -> str:
+    """``hub`` as given; a path expanded (a local ``./hub`` keeps its ``./`` so it is not the hub)."""
+    if value == HUB:
+        return HUB
+    path = str(Path(value).expanduser())
+    return os.path.join(os.curdir, path) if path == HUB else path
 
 
 def resolve_settings(args: argparse.Namespace) -> FinetuneSettings:
@@ -123,7 +136,7 @@ def resolve_settings(args: argparse.Namespace) -> FinetuneSettings:
         suite=args.suite,
         tasks=list(dict.fromkeys(names)),
         seeds=list(dict.fromkeys(args.seeds)),
-        data_dir=str(Path(args.data_dir or f"data/{args.suite}").expanduser()),
+        data_dir=_data_dir(args.data_dir or f"data/{args.suite}"),
         output=str(Path(args.output).expanduser() if args.output else model / f"finetune-{args.suite}"),
         max_epochs=args.max_epochs or SUITE_EPOCHS[args.suite],
         lr=args.lr if args.lr is not None else SUITE_LEARNING_RATES[args.suite],
@@ -342,7 +355,8 @@ class SuiteRun:
                 write_submission(self.output / "submission", diagnostic, split, examples,
                                  [int(p) for p in predictions])
         if not found:
-            self.skip(diagnostic.name, f"no data under {Path(self.settings.data_dir) / diagnostic.directory}")
+            where = "on the hub" if data.from_hub else f"under {Path(self.settings.data_dir) / diagnostic.directory}"
+            self.skip(diagnostic.name, f"no data {where}")
 
     # -- the report ---------------------------------------------------------------------------------
 

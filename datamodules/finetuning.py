@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from app.errors import ConfigurationError
+from datamodules.hub_tasks import HUB, hub_examples
 from datamodules.tasks import Example, MissingTaskData, TaskSpec, report_name
 
 Feature = dict[str, Any]
@@ -192,7 +193,8 @@ class TaskDataModule(LightningDataModule):
 
     Args:
         spec: the task.
-        data_dir: the suite's data directory (the task's files are in ``data_dir / spec.directory``).
+        data_dir: the suite's data directory (the task's files are in ``data_dir / spec.directory``), or
+            ``"hub"``: every split from the task's hub dataset (``datamodules.hub_tasks``).
         tokenizer: the fine-tuned model's tokenizer.
         max_length: the longest encoding in tokens (longer inputs are truncated longest-first).
         batch_size: training batch size; the last incomplete batch is dropped, as NTNG does.
@@ -224,6 +226,7 @@ class TaskDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.from_hub = str(data_dir) == HUB
         self.task_dir = Path(data_dir) / spec.directory
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -249,14 +252,17 @@ class TaskDataModule(LightningDataModule):
 
         Raises:
             MissingTaskData: the split's file is absent (the message names the directory and, when the
-                task has one, its hub dataset).
+                task has one, its hub dataset), or the hub could not be reached.
         """
-        try:
-            examples = self.spec.reader(self.task_dir, split)
-        except MissingTaskData as err:
-            # Local files only: the hub copy is named for users who want to fetch and convert it.
-            hub = f"; hub dataset {'/'.join(self.spec.hub)}" if self.spec.hub else ""
-            raise MissingTaskData(f"{split} data not found: {err}{hub}") from None
+        if self.from_hub:
+            examples = hub_examples(self.spec, split)
+        else:
+            try:
+                examples = self.spec.reader(self.task_dir, split)
+            except MissingTaskData as err:
+                # The hub copy is named for users who can read it (--data-dir hub).
+                hub = f"; hub dataset {'/'.join(self.spec.hub)}" if self.spec.hub else ""
+                raise MissingTaskData(f"{split} data not found: {err}{hub}") from None
         return list(examples[:limit] if limit is not None else examples)
 
     def encode(self, examples: Sequence[Example]) -> list[Feature]:

@@ -130,9 +130,15 @@ def _record(record: dict[str, Any], labelled: bool) -> list[Example]:
     raw = record["passage"]["text"]
     spans = record["passage"]["entities"]
     entities = tuple(dict.fromkeys(raw[entity["start"]:entity["end"] + 1] for entity in spans))
+    return record_examples(raw, entities, record["qas"], labelled)
+
+
+def record_examples(raw: str, entities: tuple[str, ...], queries: list[dict[str, Any]],
+                    labelled: bool) -> list[Example]:
+    """ReCoRD examples of a passage's ``queries`` (``idx``, ``query``, ``answers``) over its unique ``entities``."""
     passage = _HIGHLIGHT.sub(lambda match: (match.group(1) or ".") + " ", raw)
     examples = []
-    for query in record["qas"]:
+    for query in queries:
         if "@placeholder" not in query["query"]:
             raise ValueError(f"query {query['idx']!r} has no @placeholder")
         answers = tuple(dict.fromkeys(answer["text"] for answer in query["answers"])) if labelled else ()
@@ -193,7 +199,8 @@ def _jsonl(build: Builder, diagnostic: str | None = None) -> Reader:
 
 
 _ENTAILMENT = glue.BINARY_NLI_LABELS
-_AXB_JSONL = _jsonl(_pair("sentence1", "sentence2", _ENTAILMENT), "AX-b")
+_AXB_BUILD = _pair("sentence1", "sentence2", _ENTAILMENT)
+_AXB_JSONL = _jsonl(_AXB_BUILD, "AX-b")
 
 
 def _read_axb(task_dir: Path, split: str) -> list[Example]:
@@ -210,29 +217,36 @@ def _read_axb(task_dir: Path, split: str) -> list[Example]:
     raise MissingTaskData(task_dir / "AX-b.jsonl")
 
 
+# Per task, its record builder, for readers of the same records from elsewhere (``datamodules.hub_tasks``).
+BUILDERS: dict[str, Builder] = {}
+
+
 def _register(name: str, directory: str, kind: str, label_names: tuple[str, ...], metrics: tuple[str, ...],
-              reader: Reader, hub_config: str | None = None, parent: str | None = None) -> None:
-    """Register one SuperGLUE task (its submission file is ``<Directory>.jsonl``)."""
+              build: Builder, reader: Reader | None = None, hub_config: str | None = None,
+              parent: str | None = None) -> None:
+    """Register one SuperGLUE task (its submission file is ``<Directory>.jsonl``).
+
+    ``reader`` defaults to the JSONL files read with ``build`` (a diagnostic's one ``<Directory>.jsonl``).
+    """
+    BUILDERS[name] = build
     register_task(TaskSpec(
         name=name, suite="superglue", kind=kind, label_names=label_names, metrics=metrics,
-        directory=directory, reader=reader, submission_name=f"{directory}.jsonl",
-        hub=("super_glue", hub_config or name), parent=parent,
+        directory=directory, reader=reader or _jsonl(build, directory if parent else None),
+        submission_name=f"{directory}.jsonl", hub=("super_glue", hub_config or name), parent=parent,
     ))
 
 
 _CB_LABELS = ("entailment", "contradiction", "neutral")
 _register("boolq", "BoolQ", "classification", BOOLEAN_LABELS, ("accuracy",),
-          _jsonl(_pair("question", "passage", BOOLEAN_LABELS)))
-_register("cb", "CB", "classification", _CB_LABELS, ("accuracy", "f1"),
-          _jsonl(_pair("premise", "hypothesis", _CB_LABELS)))
-_register("copa", "COPA", "multiple_choice", (), ("accuracy",), _jsonl(_copa))
-_register("multirc", "MultiRC", "classification", BOOLEAN_LABELS, ("f1", "exact_match"), _jsonl(_multirc))
-_register("record", "ReCoRD", "multiple_choice", (), ("f1", "exact_match"), _jsonl(_record))
-_register("rte", "RTE", "classification", _ENTAILMENT, ("accuracy",),
-          _jsonl(_pair("premise", "hypothesis", _ENTAILMENT)))
-_register("wic", "WiC", "classification", BOOLEAN_LABELS, ("accuracy",), _jsonl(_wic))
+          _pair("question", "passage", BOOLEAN_LABELS))
+_register("cb", "CB", "classification", _CB_LABELS, ("accuracy", "f1"), _pair("premise", "hypothesis", _CB_LABELS))
+_register("copa", "COPA", "multiple_choice", (), ("accuracy",), _copa)
+_register("multirc", "MultiRC", "classification", BOOLEAN_LABELS, ("f1", "exact_match"), _multirc)
+_register("record", "ReCoRD", "multiple_choice", (), ("f1", "exact_match"), _record)
+_register("rte", "RTE", "classification", _ENTAILMENT, ("accuracy",), _pair("premise", "hypothesis", _ENTAILMENT))
+_register("wic", "WiC", "classification", BOOLEAN_LABELS, ("accuracy",), _wic)
 # NTNG fine-tunes on the hub's "wsc.fixed" config (span texts corrected); the JSONL files are the original.
-_register("wsc", "WSC", "classification", BOOLEAN_LABELS, ("accuracy",), _jsonl(_wsc), hub_config="wsc.fixed")
-_register("axb", "AX-b", "classification", _ENTAILMENT, ("matthews",), _read_axb, parent="rte")
-_register("axg", "AX-g", "classification", _ENTAILMENT, ("accuracy",),
-          _jsonl(_pair("premise", "hypothesis", _ENTAILMENT), "AX-g"), parent="rte")
+_register("wsc", "WSC", "classification", BOOLEAN_LABELS, ("accuracy",), _wsc, hub_config="wsc.fixed")
+_register("axb", "AX-b", "classification", _ENTAILMENT, ("matthews",), _AXB_BUILD, reader=_read_axb, parent="rte")
+_register("axg", "AX-g", "classification", _ENTAILMENT, ("accuracy",), _pair("premise", "hypothesis", _ENTAILMENT),
+          parent="rte")
