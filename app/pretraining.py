@@ -172,6 +172,33 @@ class MaskedLanguageModel(LightningModule):
         counts = torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
         return sums / counts
 
+    def hessian_pass(self, batch: dict[str, torch.Tensor], charge: bool = True) -> int:
+        """One forward+backward of Sophia-G's Gauss-Newton-Bartlett loss on ``batch``.
+
+        Labels are sampled from the model's own *vocabulary* distribution at the positions that
+        carry the MLM loss (labels != -100), with no gradient through the sampling, and the
+        cross-entropy on them is *summed*; ``backward`` adds into ``.grad``. Accumulating over the
+        micro-batches of a Hessian batch (and DDP ranks) and dividing by the summed counts gives the
+        gradient of the mean GNB loss over all loss tokens of that batch, whatever each micro-batch
+        holds. When ``charge``, the pass is paid as a forward+backward micro-batch at the current
+        active depth, exactly like a training micro-batch.
+
+        Returns:
+            The number of loss tokens (labels != -100) in ``batch``.
+        """
+        if charge:
+            self.charge("forward_backward", batch["input_ids"])
+        logits, _ = masked_lm_logits(
+            self.model, self.family, batch["input_ids"], batch["labels"], batch.get("attention_mask")
+        )
+        logits = logits.float()
+        if logits.shape[0] == 0:
+            return 0
+        with torch.no_grad():
+            sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
+        F.cross_entropy(logits, sampled, reduction="sum").backward()
+        return int(sampled.numel())
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Charged before the pass runs, as NTNG does, so progress includes this micro-batch.
         self.charge("forward_backward", batch["input_ids"])
