@@ -53,7 +53,28 @@ def _validate(betas: tuple[float, float], **non_negative: float) -> None:
         raise ValueError(f"{', '.join(negative)} must be >= 0")
 
 
-class SophiaG(Optimizer):
+class _PerParameterOptimizer(Optimizer):
+    """The step loop the three optimizers share: run the closure, update each parameter with a grad."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, param.grad, self.state[param], group)
+        return loss
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class SophiaG(_PerParameterOptimizer):
     """Sophia with the Gauss-Newton-Bartlett Hessian estimate (clipped, preconditioned sign step).
 
     Per step, for every parameter with a gradient ``g``::
@@ -145,33 +166,30 @@ class SophiaG(Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (optional).
         """
-        loss = _closure_loss(closure)
         # Summed as tensors and read once, so the step costs one device-to-host sync, not one per
         # parameter.
-        not_clipped: int | torch.Tensor = 0
-        total = 0
-        for group in self.param_groups:
-            beta1 = group["betas"][0]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self._state(param)
-                state["step"] += 1
-                exp_avg, hessian = state["exp_avg"], state["hessian"]
-                param.mul_(1.0 - group["lr"] * group["weight_decay"])
-                exp_avg.mul_(beta1).add_(param.grad, alpha=1.0 - beta1)
-                magnitude, threshold = exp_avg.abs(), group["rho"] * group["bs"] * hessian
-                ratio = (magnitude / (threshold + group["eps"])).clamp(max=1.0)
-                step_size = _step_size(group["lr"], param, group["rms_scaling"])
-                param.sub_(exp_avg.sign().mul_(ratio).mul_(step_size))
-                not_clipped = not_clipped + (magnitude < threshold).sum()
-                total += param.numel()
-        if total:
-            self.win_rate = float(not_clipped) / total
+        self._not_clipped: int | torch.Tensor = 0
+        self._total = 0
+        loss = super().step(closure)
+        if self._total:
+            self.win_rate = float(self._not_clipped) / self._total
         return loss
 
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state = self._state(param)
+        state["step"] += 1
+        exp_avg, hessian = state["exp_avg"], state["hessian"]
+        param.mul_(1.0 - group["lr"] * group["weight_decay"])
+        exp_avg.mul_(group["betas"][0]).add_(grad, alpha=1.0 - group["betas"][0])
+        magnitude, threshold = exp_avg.abs(), group["rho"] * group["bs"] * hessian
+        ratio = (magnitude / (threshold + group["eps"])).clamp(max=1.0)
+        step_size = _step_size(group["lr"], param, group["rms_scaling"])
+        param.sub_(exp_avg.sign().mul_(ratio).mul_(step_size))
+        self._not_clipped = self._not_clipped + (magnitude < threshold).sum()
+        self._total += param.numel()
 
-class AdamWScale(Optimizer):
+
+class AdamWScale(_PerParameterOptimizer):
     """nanoT5's AdamW with an Adafactor-style relative step.
 
     Per step, for every parameter with a gradient ``g`` (``t`` counts its steps)::
@@ -207,40 +225,27 @@ class AdamWScale(Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, {**defaults, "correct_bias": correct_bias})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamWScale update.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                state["step"] += 1
-                exp_avg, exp_avg_sq, grad = state["exp_avg"], state["exp_avg_sq"], param.grad
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                lr = group["lr"]
-                if group["correct_bias"]:
-                    step = state["step"]
-                    lr = lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
-                step_size = _step_size(lr, param, rms_scaling=True)
-                update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-                param.sub_(update.mul_(step_size))
-                param.mul_(1.0 - group["lr"] * group["weight_decay"])
-        return loss
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        lr = group["lr"]
+        if group["correct_bias"]:
+            step = state["step"]
+            lr = lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
+        step_size = _step_size(lr, param, rms_scaling=True)
+        update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+        param.sub_(update.mul_(step_size))
+        param.mul_(1.0 - group["lr"] * group["weight_decay"])
 
 
-class RMSScaledLion(Optimizer):
+class RMSScaledLion(_PerParameterOptimizer):
     """Lion with NTNG's T5 relative step size.
 
     Per step, for every parameter with a gradient ``g``::
@@ -273,25 +278,12 @@ class RMSScaledLion(Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         super().__init__(params, {**defaults, "rms_scaling": rms_scaling})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One Lion update.
-
-        Args:
-            closure: re-evaluates the model and returns the loss (optional).
-        """
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(param)
-                exp_avg, grad = state["exp_avg"], param.grad
-                step_size = _step_size(group["lr"], param, group["rms_scaling"])
-                param.mul_(1.0 - step_size * group["weight_decay"])
-                param.sub_(exp_avg.lerp(grad, 1.0 - beta1).sign_().mul_(step_size))
-                exp_avg.lerp_(grad, 1.0 - beta2)
-        return loss
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param)
+        beta1, beta2 = group["betas"]
+        exp_avg = state["exp_avg"]
+        step_size = _step_size(group["lr"], param, group["rms_scaling"])
+        param.mul_(1.0 - step_size * group["weight_decay"])
+        param.sub_(exp_avg.lerp(grad, 1.0 - beta1).sign_().mul_(step_size))
+        exp_avg.lerp_(grad, 1.0 - beta2)
