@@ -65,6 +65,15 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool) -> P
     return _wrap_bert(tokenizer, lowercase, True)
 
 
+def wordpiece_tokenizer(vocab: dict[str, int], lowercase: bool) -> PreTrainedTokenizerFast:
+    """A BERT-style tokenizer over a fixed WordPiece vocabulary (token -> id, special tokens included).
+
+    Built with the tokenizers library: transformers 5's ``BertTokenizerFast`` ignores ``vocab_file=``.
+    """
+    wordpiece = models.WordPiece(vocab, unk_token=SPECIAL_TOKENS["unk_token"])
+    return _wrap_bert(_bert_pipeline(wordpiece, lowercase, None), lowercase, None)
+
+
 def load_tokenizer(name: str, lowercase: bool) -> PreTrainedTokenizerFast:
     """Load a tokenizer from a ``vocab.txt`` file, a saved directory or a hub name.
 
@@ -86,9 +95,7 @@ def load_tokenizer(name: str, lowercase: bool) -> PreTrainedTokenizerFast:
         missing = [token for token in SPECIAL_TOKENS.values() if token not in vocab]
         if missing:
             raise ConfigurationError(f"tokenizer vocabulary {name} lacks {', '.join(missing)}")
-        # Built with the tokenizers library: transformers 5's BertTokenizerFast ignores vocab_file=.
-        wordpiece = models.WordPiece(vocab, unk_token=SPECIAL_TOKENS["unk_token"])
-        tokenizer = _wrap_bert(_bert_pipeline(wordpiece, lowercase, None), lowercase, None)
+        tokenizer = wordpiece_tokenizer(vocab, lowercase)
     elif path.is_dir() or not looks_like_path(name):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)

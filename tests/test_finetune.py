@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import datamodules.glue  # noqa: F401  (registers the GLUE tasks)
@@ -16,6 +15,7 @@ from app.finetuning import FineTuner, gather_predictions
 from app.pretraining import MaskedLanguageModel
 from datamodules.finetuning import CandidateCollator, TaskDataModule
 from datamodules.tasks import Example, TaskSpec, get_task
+from datamodules.tokenizer import wordpiece_tokenizer
 from tests.conftest import TINY_CONFIG, run_cli
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -30,17 +30,7 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A WordPiece tokenizer over ``WORDS`` with BERT's special tokens and [CLS] a [SEP] b [SEP] pairs."""
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + list(".,?!'\":;-"))}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece()
-    backend.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-    )
-
+    return wordpiece_tokenizer({token: i for i, token in enumerate(SPECIAL + WORDS + list(".,?!'\":;-"))}, True)
 
 
 @pytest.fixture(scope="module")
