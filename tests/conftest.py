@@ -113,3 +113,31 @@ def write_profile(path: Path, fb_seconds: dict[int, float], reference_tokens: in
     }
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def tiny_masked_lm(layers: int = 2, module_class=None, **kwargs):
+    """A seeded tiny ``MaskedLanguageModel`` on ``TINY_CONFIG`` (vocab 100, seq 16; AdamW 1e-3 unless given)."""
+    from app.pretraining import MaskedLanguageModel
+
+    torch.manual_seed(0)
+    kwargs.setdefault("optimizer", lambda params: torch.optim.AdamW(params, lr=1e-3))
+    return (module_class or MaskedLanguageModel)(
+        config={**TINY_CONFIG, "num_hidden_layers": layers}, vocab_size=100, pad_token_id=0, seq_len=16, **kwargs
+    )
+
+
+def fit_tiny(module, callbacks: list, tmp_path: Path, ckpt_path=None, **trainer_kwargs):
+    """Fit ``module`` on random MLM batches with a quiet test Trainer; returns the trainer.
+
+    No sanity check, no progress bar, one validation batch, and validation only when a callback asks
+    for it (the budget callback's cadence); ``trainer_kwargs`` override any of these.
+    """
+    from lightning.pytorch import Trainer
+
+    settings = dict(
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=10**6, check_val_every_n_epoch=None,
+    )
+    trainer = Trainer(callbacks=callbacks, **{**settings, **trainer_kwargs})
+    trainer.fit(module, datamodule=RandomMLMData.make(), ckpt_path=ckpt_path)
+    return trainer

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
 from app.errors import ConfigurationError
 from app.pretraining import MaskedLanguageModel
 from app.schedules import OneCycleTriangle
 from callbacks.budget import ReferenceTimeBudget
-from tests.conftest import TINY_CONFIG, RandomMLMData, write_profile
+from tests.conftest import fit_tiny, tiny_masked_lm, write_profile
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -34,23 +33,15 @@ class Recorder(Callback):
 
 
 def tiny_module(lr_schedule=None) -> MaskedLanguageModel:
-    torch.manual_seed(0)
-    return MaskedLanguageModel(
-        config=dict(TINY_CONFIG), vocab_size=100, pad_token_id=0, seq_len=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), lr_schedule=lr_schedule,
-    )
+    return tiny_masked_lm(lr_schedule=lr_schedule)
 
 
 def fit(tmp_path, budget: ReferenceTimeBudget, accumulate: int = 2, max_steps: int = -1, ckpt_path=None,
         module: MaskedLanguageModel | None = None):
     recorder = Recorder()
     module = module or tiny_module()
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
-        callbacks=[budget, recorder], enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=10**6, check_val_every_n_epoch=None,
-    )
-    trainer.fit(module, datamodule=RandomMLMData.make(), ckpt_path=ckpt_path)
+    trainer = fit_tiny(module, [budget, recorder], tmp_path, ckpt_path, max_steps=max_steps,
+                       accumulate_grad_batches=accumulate)
     return trainer, module, recorder
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 
 from app.clock import budget_spent
@@ -30,9 +30,8 @@ from callbacks.layer_drop import (
     sample_active_layers,
 )
 from callbacks.sampling import step_generator
-from tests.conftest import REPO_ROOT, TINY_CONFIG, RandomMLMData, write_profile
+from tests.conftest import REPO_ROOT, fit_tiny, tiny_masked_lm, write_profile
 
-CONFIG4 = {**TINY_CONFIG, "num_hidden_layers": 4}
 # Seconds per micro-batch (4 x 16 tokens = the profile's reference tokens) by active depth; not
 # linear, so the total charge identifies the depths that ran.
 FB_SECONDS = {1: 0.1, 2: 0.25, 3: 0.45, 4: 0.7}
@@ -173,9 +172,7 @@ class ProbedModule(MaskedLanguageModel):
 
 
 def tiny_module(backbone: str = "roberta-prelayernorm") -> ProbedModule:
-    torch.manual_seed(0)
-    return ProbedModule(backbone=backbone, config=dict(CONFIG4), vocab_size=100, pad_token_id=0, seq_len=16,
-                        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    return tiny_masked_lm(4, ProbedModule, backbone=backbone)
 
 
 def fit(tmp_path, method: ProgressiveLayerDrop, budget_seconds: float = 12.0, accumulate: int = 2,
@@ -188,13 +185,9 @@ def fit(tmp_path, method: ProgressiveLayerDrop, budget_seconds: float = 12.0, ac
     budget = ReferenceTimeBudget(budget=budget_seconds / 3600.0, profile=str(profile),
                                  validate_every_fraction=validate_every_fraction)
     recorder = Recorder(method.theta_bar, method.gamma_f)
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_steps=max_steps, accumulate_grad_batches=accumulate, logger=logger,
-        callbacks=[budget, method, recorder], enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=1, log_every_n_steps=1,
-        val_check_interval=10**6, check_val_every_n_epoch=None, enable_checkpointing=False,
-    )
-    trainer.fit(module, datamodule=RandomMLMData.make(), ckpt_path=ckpt_path)
+    trainer = fit_tiny(module, [budget, method, recorder], tmp_path, ckpt_path, max_steps=max_steps,
+                       accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=1,
+                       enable_checkpointing=False)
     return trainer, module, recorder
 
 

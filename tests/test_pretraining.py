@@ -10,7 +10,12 @@ from app.backbones import masked_lm_logits
 from app.errors import ConfigurationError
 from app.optim import weight_decay_groups
 from app.pretraining import MaskedLanguageModel
-from app.schedules import OneCycleTriangle, WarmupCosine, WarmupLinear, WarmupStableDecay
+from app.schedules import (
+    OneCycleTriangle,
+    WarmupCosine,
+    WarmupLinear,
+    WarmupStableDecay,
+)
 from tests.conftest import TINY_CONFIG, mlm_batch
 
 

@@ -8,8 +8,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from transformers import T5Config, T5ForConditionalGeneration
 
 from app.cost_models import RSTProfile
@@ -31,18 +30,15 @@ from callbacks.random_path import (
     stage_index,
 )
 from callbacks.sampling import step_generator
-from tests.conftest import REPO_ROOT, TINY_CONFIG, RandomMLMData, write_profile
+from tests.conftest import REPO_ROOT, fit_tiny, tiny_masked_lm, write_profile
 
-SIX = {**TINY_CONFIG, "num_hidden_layers": 6}
 FB_SECONDS = {d: 0.05 + 0.1 * d for d in range(1, 7)}  # per micro-batch of 4 x 16 tokens
 RTX3090 = REPO_ROOT / "configs" / "rst" / "ntng-bert-rtx3090.yaml"
 
 
 
 def six_layer_module(backbone: str = "roberta-prelayernorm") -> MaskedLanguageModel:
-    torch.manual_seed(0)
-    return MaskedLanguageModel(backbone=backbone, config=dict(SIX), vocab_size=100, pad_token_id=0, seq_len=16,
-                               optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    return tiny_masked_lm(6, backbone=backbone)
 
 
 def fake_trainer(step: int = 0, accumulate: int = 1) -> SimpleNamespace:
@@ -219,13 +215,8 @@ def fit(tmp_path, callback, budget_updates=20.0, max_steps=-1, ckpt_path=None, a
     budget = ReferenceTimeBudget(budget=budget_updates * accumulate * FB_SECONDS[6] / 3600, profile=str(profile),
                                  validate_every_fraction=validate_every)
     recorder, module = PathRecorder(), six_layer_module()
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate, logger=False,
-        callbacks=[budget, callback, recorder], enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=10**6, check_val_every_n_epoch=None,
-        enable_checkpointing=False,
-    )
-    trainer.fit(module, datamodule=RandomMLMData.make(), ckpt_path=ckpt_path)
+    trainer = fit_tiny(module, [budget, callback, recorder], tmp_path, ckpt_path, max_steps=max_steps,
+                       max_epochs=-1, accumulate_grad_batches=accumulate, enable_checkpointing=False)
     return trainer, module, recorder
 
 

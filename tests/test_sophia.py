@@ -18,17 +18,21 @@ from app.plan import PlanSettings, plan
 from app.pretraining import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.sophia import SophiaHessian, refresh_hessian
-from tests.conftest import REPO_ROOT, TINY_CONFIG, RandomMLMData, mlm_batch, run_cli, write_profile
+from tests.conftest import (
+    REPO_ROOT,
+    RandomMLMData,
+    fit_tiny,
+    mlm_batch,
+    run_cli,
+    tiny_masked_lm,
+    write_profile,
+)
 
 SECONDS_PER_HOUR = 3600.0
 
 
 def tiny_module(optimizer=None) -> MaskedLanguageModel:
-    torch.manual_seed(0)
-    return MaskedLanguageModel(
-        config=dict(TINY_CONFIG), vocab_size=100, pad_token_id=0, seq_len=16,
-        optimizer=optimizer or (lambda params: SophiaG(params, lr=1e-3, rho=0.04, weight_decay=0.0)),
-    )
+    return tiny_masked_lm(optimizer=optimizer or (lambda params: SophiaG(params, lr=1e-3, rho=0.04, weight_decay=0.0)))
 
 
 def hessians(optimizer) -> list[torch.Tensor]:
@@ -113,11 +117,7 @@ def test_hessian_passes_are_charged_as_training_micro_batches(tmp_path, charge):
     budget = ReferenceTimeBudget(budget=11.0 / SECONDS_PER_HOUR, profile=str(profile))
     sophia, recorder = SophiaHessian(every_n_steps=2, hessian_micro_batches=2, charge=charge), LossRecorder()
     module = tiny_module()
-    trainer = Trainer(
-        default_root_dir=tmp_path, accumulate_grad_batches=2, logger=False, callbacks=[budget, sophia, recorder],
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=RandomMLMData.make())
+    trainer = fit_tiny(module, [budget, sophia, recorder], tmp_path, accumulate_grad_batches=2, limit_val_batches=0)
     updates = trainer.global_step
     refreshes = (updates + 1) // 2  # updates 0, 2, 4, ... below ``updates``
     assert sophia.hessian_updates == refreshes

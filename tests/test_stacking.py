@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from transformers import AutoModelForMaskedLM, T5Config, T5ForConditionalGeneration
 
@@ -28,7 +28,7 @@ from callbacks.stacking import (
     growth_copies,
     planner_schedule,
 )
-from tests.conftest import REPO_ROOT, TINY_CONFIG, RandomMLMData, mlm_batch, write_profile
+from tests.conftest import REPO_ROOT, fit_tiny, mlm_batch, tiny_masked_lm, write_profile
 
 TABLE = {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}  # seconds per micro-batch of 4 x 16 tokens, by depth
 BUDGET_SECONDS = 12.0
@@ -36,11 +36,7 @@ MICRO_BATCHES = 2
 
 
 def tiny_module(layers: int = 4) -> MaskedLanguageModel:
-    torch.manual_seed(0)
-    return MaskedLanguageModel(
-        config={**TINY_CONFIG, "num_hidden_layers": layers}, vocab_size=100, pad_token_id=0, seq_len=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-    )  # fmt: skip
+    return tiny_masked_lm(layers)
 
 
 def simulate(schedule: GrowthSchedule, budget: float = BUDGET_SECONDS) -> list[int]:
@@ -254,13 +250,9 @@ def fit(tmp_path, stacking: LayerStacking, module=None, max_steps: int = -1, ckp
     recorder, logger = Recorder(), MetricsLogger()
     module = module or tiny_module()
     budget_callback = ReferenceTimeBudget(budget=BUDGET_SECONDS / 3600, profile=str(profile), **budget)
-    trainer = Trainer(
-        default_root_dir=tmp_path, max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=MICRO_BATCHES,
-        logger=logger, callbacks=[budget_callback, stacking, recorder],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
-        num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=10**6, check_val_every_n_epoch=None,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=RandomMLMData.make(), ckpt_path=ckpt_path)
+    trainer = fit_tiny(module, [budget_callback, stacking, recorder], tmp_path, ckpt_path, max_steps=max_steps,
+                       max_epochs=-1, accumulate_grad_batches=MICRO_BATCHES, logger=logger, log_every_n_steps=1,
+                       enable_checkpointing=False)
     return trainer, module, recorder, logger
 
 

@@ -10,7 +10,13 @@ import pytest
 import datamodules.glue  # noqa: F401  (registers the GLUE tasks)
 import datamodules.superglue  # noqa: F401  (registers the SuperGLUE tasks)
 from app.errors import ConfigurationError
-from datamodules.tasks import Example, MissingTaskData, get_task, report_name, suite_tasks
+from datamodules.tasks import (
+    Example,
+    MissingTaskData,
+    get_task,
+    report_name,
+    suite_tasks,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOM = "\ufeff"
