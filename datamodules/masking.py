@@ -57,3 +57,17 @@ def mask_tokens(
     finally:
         collator.generator = previous
     return torch.cat(masked_rows), torch.cat(label_rows)
+
+
+
+class MaskingCollate:
+    """Collate blocks and mask them for one epoch (picklable, so masking runs in loader workers)."""
+
+    def __init__(self, collator: DataCollatorForLanguageModeling, seed: int, epoch: int) -> None:
+        self.collator, self.seed, self.epoch = collator, seed, epoch
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = torch.stack([sample["input_ids"] for sample in samples])
+        example_ids = torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
+        masked, labels = mask_tokens(input_ids, example_ids, self.collator, seed=self.seed, epoch=self.epoch)
+        return {"input_ids": masked, "labels": labels, "example_ids": example_ids}

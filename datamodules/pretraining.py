@@ -13,147 +13,24 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
 from datamodules import corpus
-from datamodules.masking import mask_tokens
+from datamodules.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
+from datamodules.masking import MaskingCollate, mask_tokens
 from datamodules.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
 
 # Bump when the packing or the cache layout changes, so stale caches are never reused.
 FORMAT_VERSION = 1
-_TOKENIZE_BATCH = 1000
-
-
-def tokenize_batch(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens (the packer adds [CLS]/[SEP])."""
-    # The backend call skips offset mappings and transformers' model_max_length warning on long documents.
-    encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    return [encoding.ids for encoding in encodings]
-
-
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-    return iter(lambda: list(islice(items, size)), [])
-
-
-class BlockPacker:
-    """Cut the token stream (every document followed by [SEP]) into ``[CLS] + seq_len-2 tokens + [SEP]`` blocks.
-
-    Args:
-        tokenizer: Fast tokenizer with [CLS] and [SEP].
-        seq_len: Block length including [CLS] and [SEP].
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> None:
-        self.tokenizer, self.width = tokenizer, seq_len - 2
-        self.documents = self.tokens = 0  # totals so far; tokens include the document separators
-        self._rest = np.empty(0, dtype=np.int64)
-
-    def add(self, texts: list[str]) -> np.ndarray:
-        """Tokenize and append documents; return the blocks completed by them, ``[k, seq_len]`` int64."""
-        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        pieces = [self._rest]
-        for ids in tokenize_batch(self.tokenizer, texts):
-            pieces += [np.asarray(ids, dtype=np.int64), np.array([sep_id])]
-        stream = np.concatenate(pieces)
-        self.documents, self.tokens = self.documents + len(texts), self.tokens + len(stream) - len(self._rest)
-        count = len(stream) // self.width
-        self._rest = stream[count * self.width :]
-        body = stream[: count * self.width].reshape(count, self.width)
-        return np.concatenate([np.full((count, 1), cls_id), body, np.full((count, 1), sep_id)], axis=1)
-
-    def pack(self, documents: Iterator[str]) -> Iterator[np.ndarray]:
-        """Yield the completed blocks, one ``[k, seq_len]`` array per batch of documents."""
-        return (self.add(batch) for batch in _batches(documents, _TOKENIZE_BATCH))
-
-
-def split_example_ids(
-    num_blocks: int, val_fraction: float, val_size: int | None, max_val_blocks: int | None, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/validation split of block ids ``0..num_blocks-1``.
-
-    Validation is the first ``n`` ids of ``default_rng(seed).permutation(num_blocks)``: ``n`` is
-    ``val_size`` if given, else ``val_fraction * num_blocks`` (at least 1 when the fraction is
-    positive), capped at ``max_val_blocks``.
-
-    Returns:
-        ``(train_ids, val_ids)``, each sorted ``int64``.
-    """
-    count = val_size if val_size is not None else (max(1, int(num_blocks * val_fraction)) if val_fraction > 0 else 0)
-    count = count if max_val_blocks is None else min(count, max_val_blocks)
-    if count >= num_blocks:
-        raise ConfigurationError(f"validation split takes {count} of {num_blocks} blocks and leaves no training block")
-    order = np.random.default_rng(seed).permutation(num_blocks).astype(np.int64)
-    return np.sort(order[count:]), np.sort(order[:count])
-
-
-def _sample(example_id: int, block: np.ndarray) -> dict:
-    return {"input_ids": torch.from_numpy(block.astype(np.int64)), "example_ids": example_id}
-
-
-class PackedBlocks(Dataset):
-    """Map-style view of the cached blocks with ids ``example_ids``; the ``.npy`` is memory-mapped."""
-
-    def __init__(self, path: Path, example_ids: np.ndarray) -> None:
-        self.path, self.example_ids, self._blocks = path, example_ids, None
-
-    def __len__(self) -> int:
-        return len(self.example_ids)
-
-    def __getitem__(self, index: int) -> dict:
-        if self._blocks is None:
-            self._blocks = np.load(self.path, mmap_mode="r")
-        example_id = int(self.example_ids[index])
-        return _sample(example_id, self._blocks[example_id])
-
-    def __getstate__(self) -> dict:
-        # Worker processes map the file themselves instead of receiving a pickled in-memory copy.
-        return {**self.__dict__, "_blocks": None}
-
-
-class StreamedBlocks(IterableDataset):
-    """Blocks packed on the fly from opened streams; id = running block index in the stream.
-
-    Blocks ``0..val_size-1`` are validation, the rest training. Every worker of every rank reads
-    and packs the whole stream (a block's boundaries depend on all text before it) and keeps its
-    share by block index modulo. Training shards by (rank, worker) and emits only complete rounds,
-    so every rank gets the same number of blocks and no DDP rank waits on one that ran dry.
-    Validation shards by worker only: every rank evaluates the same blocks. Every epoch re-reads
-    the stream from its start; there is no mid-epoch resume state.
-    """
-
-    def __init__(self, streams: list, module: PretrainingDataModule, train: bool) -> None:
-        self.streams, self.tokenizer, self.train, self.options = streams, module.tokenizer, train, module.hparams
-
-    def _blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        documents = corpus.iter_streamed_documents(self.streams, self.options.text_field, self.options.max_documents)
-        chunks = BlockPacker(self.tokenizer, self.options.seq_len).pack(documents)
-        return enumerate(block for chunk in chunks for block in chunk)
-
-    def __iter__(self) -> Iterator[dict]:
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        if not self.train:
-            blocks = islice(self._blocks(), self.options.val_size)
-            yield from (_sample(index, block) for index, block in blocks if index % workers == worker_id)
-            return
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-        shards, shard = world * workers, rank * workers + worker_id
-        for index, block in islice(self._blocks(), self.options.val_size, None):
-            position = (index - self.options.val_size) % shards
-            if position == shard:
-                pending = _sample(index, block)
-            if position == shards - 1:
-                yield pending
 
 
 class PretrainingDataModule(LightningDataModule):
@@ -182,7 +59,11 @@ class PretrainingDataModule(LightningDataModule):
         val_fraction: Fraction of blocks held out for validation (at least one when positive).
         val_size: Number of validation blocks; overrides ``val_fraction``.
         max_val_blocks: Cap on the number of validation blocks; ``None`` for no cap.
-        split_seed: Seed of the train/validation split.
+        holdout_fraction: Fraction of all blocks held out of training for an auxiliary model
+            (RHO-loss's irreducible-loss model; NTNG: 0.2). Validation is unchanged by it.
+        train_split: ``train`` trains on the blocks that are neither validation nor holdout;
+            ``holdout`` trains on the holdout instead (the irreducible-loss model's recipe).
+        split_seed: Seed of the train/validation/holdout split.
         micro_batch_size: Sequences per micro-batch per device (the optimizer batch is this times
             ``accumulate_grad_batches`` times the number of devices).
         eval_batch_size: Sequences per validation batch; defaults to ``micro_batch_size``.
@@ -210,6 +91,8 @@ class PretrainingDataModule(LightningDataModule):
         val_fraction: float = 0.005,
         val_size: int | None = None,
         max_val_blocks: int | None = 10000,
+        holdout_fraction: float = 0.0,
+        train_split: Literal["train", "holdout"] = "train",
         split_seed: int = 0,
         micro_batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -228,6 +111,10 @@ class PretrainingDataModule(LightningDataModule):
             "max_documents must be at least 1": max_documents is None or max_documents >= 1,
             f"val_fraction must be in [0, 1), got {val_fraction}": 0 <= val_fraction < 1,
             "val_size and max_val_blocks must be >= 0": min(val_size or 0, max_val_blocks or 0) >= 0,
+            f"holdout_fraction must be in [0, 1), got {holdout_fraction}": 0 <= holdout_fraction < 1,
+            f"train_split must be train or holdout, got {train_split!r}": train_split in ("train", "holdout"),
+            "train_split: holdout needs holdout_fraction > 0": train_split == "train" or holdout_fraction > 0,
+            "streaming has no holdout split (holdout_fraction needs cached blocks)": not (streaming and holdout_fraction),
             "split_seed and mask_seed must be >= 0": min(split_seed, mask_seed) >= 0,
             "micro_batch_size and eval_batch_size must be >= 1": min(micro_batch_size, eval_batch_size or 1) >= 1,
             "num_workers must be >= 0": num_workers >= 0,
@@ -246,8 +133,10 @@ class PretrainingDataModule(LightningDataModule):
         self._collator: DataCollatorForLanguageModeling | None = None
         self._corpus_parts: dict | None = None
         self._train = self._val = None
-        # Set by setup(): the memory-mapped blocks (not when streaming) and the split's sorted ids.
-        self.blocks = self.train_example_ids = self.val_example_ids = None
+        # Set by setup(): the memory-mapped blocks (not when streaming) and the split's sorted ids;
+        # ``train_example_ids`` are the ids this run trains on (the holdout's with train_split=holdout).
+        self.blocks = self.train_example_ids = self.val_example_ids = self.holdout_example_ids = None
+        self._blocks_path: Path | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
@@ -356,12 +245,17 @@ class PretrainingDataModule(LightningDataModule):
             )
             self.val_example_ids = np.arange(h.val_size, dtype=np.int64)
             return
-        path = self._prepare_blocks() / "blocks.npy"
+        path = self._blocks_path = self._prepare_blocks() / "blocks.npy"
         self.blocks = np.load(path, mmap_mode="r")
-        split = split_example_ids(len(self.blocks), h.val_fraction, h.val_size, h.max_val_blocks, h.split_seed)
-        self.train_example_ids, self.val_example_ids = split
-        rank_zero_info(f"[data] {len(split[0])} training / {len(split[1])} validation blocks")
-        self._train, self._val = PackedBlocks(path, split[0]), PackedBlocks(path, split[1])
+        train, val, holdout = split_example_ids(
+            len(self.blocks), h.val_fraction, h.val_size, h.max_val_blocks, h.split_seed, h.holdout_fraction
+        )
+        if h.train_split == "holdout":
+            train, holdout = holdout, train
+        self.train_example_ids, self.val_example_ids, self.holdout_example_ids = train, val, holdout
+        held = f" / {len(holdout)} held out" if h.holdout_fraction else ""
+        rank_zero_info(f"[data] {len(train)} training ({h.train_split} split) / {len(val)} validation blocks{held}")
+        self._train, self._val = PackedBlocks(path, train), PackedBlocks(path, val)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
@@ -399,3 +293,53 @@ class PretrainingDataModule(LightningDataModule):
             batch["input_ids"], batch["example_ids"], self.collator, seed=self.hparams.mask_seed, epoch=epoch
         )
         return {"input_ids": input_ids, "labels": labels, "example_ids": batch["example_ids"]}
+
+    # -- access by example id (batch-selection methods, irreducible losses) ------------------------
+
+    def masked_batches(self, example_ids: np.ndarray, epoch: int, batch_size: int) -> DataLoader:
+        """Masked batches of the given blocks, in the given order, masked as training masks them.
+
+        Row ``i`` of the stream is block ``example_ids[i]`` masked with ``(mask_seed, id, epoch)``:
+        exactly the tensor a training batch holds for that example in that epoch. Masking runs in
+        the loader's workers (``num_workers``). An incomplete last batch is kept.
+
+        Args:
+            example_ids: block ids to read, in order.
+            epoch: the masking epoch.
+            batch_size: rows per batch.
+
+        Returns:
+            A DataLoader of ``{"input_ids", "labels", "example_ids"}`` CPU batches.
+
+        Raises:
+            ConfigurationError: when streaming (blocks have no random access).
+        """
+        if self.hparams.streaming or self._blocks_path is None:
+            raise ConfigurationError("access by example id needs cached blocks: set data.streaming=false (and call setup)")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            PackedBlocks(self._blocks_path, np.asarray(example_ids, dtype=np.int64)),
+            batch_size=batch_size,
+            collate_fn=MaskingCollate(self.collator, self.hparams.mask_seed, epoch),
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def example_fingerprint(self) -> dict:
+        """What decides the masked tensor of an example id: the packed blocks and the masking settings.
+
+        Two runs with equal fingerprints give example ``i`` of epoch ``e`` the same input and
+        labels (files keyed by example id, such as irreducible losses, check it).
+        """
+        if self._blocks_path is None:
+            raise ConfigurationError("example_fingerprint needs cached blocks: set data.streaming=false (and call setup)")
+        h = self.hparams
+        return {
+            "blocks": self._blocks_path.parent.name,
+            "seq_len": h.seq_len,
+            "mask_seed": h.mask_seed,
+            "mlm_probability": h.mlm_probability,
+            "mask_replace_prob": h.mask_replace_prob,
+            "random_replace_prob": h.random_replace_prob,
+        }
+

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-import datamodules.pretraining as pretraining
+import datamodules.blocks as blocks_module
 import datamodules.tokenizer as tokenizer_module
 from app.errors import ConfigurationError
 from datamodules.corpus import iter_documents, resolve_sources
@@ -188,7 +188,7 @@ def test_cache_reused_stable_and_invalidated_by_seq_len(tmp_path, monkeypatch):
     first = make_dm(tmp_path)
     first.prepare_data()
     first.setup("fit")
-    forbid(monkeypatch, pretraining, "tokenize_batch")
+    forbid(monkeypatch, blocks_module, "tokenize_batch")
     forbid(monkeypatch, tokenizer_module, "train_wordpiece")
     second = make_dm(tmp_path)
     second.setup("fit")  # no prepare_data: setup must find (or build) the cache itself
@@ -221,6 +221,43 @@ def test_split_sizes():
     assert len(split_example_ids(10, 0.0, None, None, 0)[1]) == 0
     with pytest.raises(ConfigurationError, match="no training block"):
         split_example_ids(5, 0.0, 5, None, 0)
+
+
+def test_holdout_split_is_disjoint_and_leaves_validation_alone():
+    train, val, holdout = split_example_ids(1000, 0.1, None, None, 3, holdout_fraction=0.2)
+    assert (len(train), len(val), len(holdout)) == (700, 100, 200)
+    assert np.array_equal(np.sort(np.concatenate([train, val, holdout])), np.arange(1000))
+    assert np.array_equal(val, split_example_ids(1000, 0.1, None, None, 3)[1])
+    with pytest.raises(ConfigurationError, match="no training block"):
+        split_example_ids(10, 0.5, None, None, 0, holdout_fraction=0.5)
+
+
+def test_train_split_holdout_trains_on_the_holdout(tmp_path):
+    target, il_model = make_dm(tmp_path, holdout_fraction=0.25), make_dm(tmp_path, holdout_fraction=0.25, train_split="holdout")
+    target.setup("fit")
+    il_model.setup("fit")
+    assert np.array_equal(il_model.train_example_ids, target.holdout_example_ids)
+    assert np.array_equal(il_model.val_example_ids, target.val_example_ids)
+    assert len(np.intersect1d(target.train_example_ids, il_model.train_example_ids)) == 0
+    with pytest.raises(ConfigurationError, match="needs holdout_fraction"):
+        make_dm(tmp_path, train_split="holdout")
+
+
+def test_masked_batches_match_training_batches(tmp_path):
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    ids = dm.train_example_ids[[4, 1, 7]]
+    (batch,) = list(dm.masked_batches(ids, epoch=2, batch_size=8))
+    expected = mask_tokens(
+        torch.from_numpy(dm.blocks[ids].astype(np.int64)), torch.from_numpy(ids), dm.collator, seed=dm.hparams.mask_seed, epoch=2
+    )
+    assert batch["example_ids"].tolist() == ids.tolist()
+    assert torch.equal(batch["input_ids"], expected[0]) and torch.equal(batch["labels"], expected[1])
+    with pytest.raises(ConfigurationError, match="cached blocks"):
+        make_dm(tmp_path).example_fingerprint()  # before setup
+    other = make_dm(tmp_path, mask_seed=1)
+    other.setup("fit")
+    assert other.example_fingerprint()["mask_seed"] == 1 and other.example_fingerprint()["blocks"] == dm.example_fingerprint()["blocks"]
 
 
 # ----------------------------------------------------------------------------------------------- masking
