@@ -115,8 +115,13 @@ class ReferenceTimeBudget(Callback):
 
     # -- per step ---------------------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step_started = time.perf_counter()
+        if self.clock is not None and self.budget is not None and self.clock.exhausted:
+            trainer.should_stop = True  # resumed from a checkpoint taken after the budget ran out
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_started = time.perf_counter()  # validation is not training time
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -125,9 +130,12 @@ class ReferenceTimeBudget(Callback):
         if clock is None:
             return
         if self.budget is not None and self.budget.unit == "wall_hours":
+            # Wall time runs from the previous micro-batch's end, so it covers data loading and every
+            # callback's batch-start work (batch selection scores there) whatever the callback order.
             # Rank 0's clock decides so every rank computes the same progress.
-            elapsed = trainer.strategy.broadcast(time.perf_counter() - self._step_started, src=0)
-            clock.add_wall_seconds(elapsed)
+            now = time.perf_counter()
+            clock.add_wall_seconds(trainer.strategy.broadcast(now - self._step_started, src=0))
+            self._step_started = now
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # decisions are taken at optimizer-step boundaries only
         spent = clock.spent()
@@ -166,10 +174,6 @@ class ReferenceTimeBudget(Callback):
     def _checkpoint_path(self, trainer: Trainer) -> Path:
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         return run_dir / "checkpoints" / f"rst-{self.clock.rst_seconds / 3600.0:.4f}h.ckpt"
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.clock is not None and self.budget is not None and self.clock.exhausted:
-            trainer.should_stop = True  # resumed from a checkpoint taken after the budget ran out
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.clock is not None and self.budget is not None:

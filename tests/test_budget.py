@@ -113,3 +113,22 @@ def test_other_budget_units(tmp_path, unit, amount, updates):
     assert trainer.global_step == updates  # tokens: 128 per update, 640 = exactly 5 updates
     assert recorder.lrs[-1] == 0.0
     assert module.clock.flops > 0 and math.isfinite(module.clock.rst_seconds)
+
+
+class SlowBatchStart(Callback):
+    """Stands in for work a method does before the step (batch selection scores candidates there)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        time.sleep(0.05)
+
+
+def test_wall_budget_counts_work_done_by_callbacks_before_it(tmp_path):
+    # The slow callback runs *before* the budget's hooks; 0.25 s of wall budget at >= 0.05 s per
+    # micro-batch and 2 micro-batches per update is spent within 3 updates.
+    budget = ReferenceTimeBudget(budget=0.25 / SECONDS_PER_HOUR, unit="wall_hours")
+    module = tiny_module()
+    trainer = fit_tiny(module, [SlowBatchStart(), budget], tmp_path, accumulate_grad_batches=2, limit_val_batches=0)
+    assert trainer.global_step <= 3
+    assert module.clock.wall_seconds >= 0.1 * trainer.global_step
