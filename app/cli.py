@@ -3,7 +3,8 @@
 ``ntng fit|validate|test -c recipe.yaml [-c overlay.yaml] [--key value]`` is LightningCLI: later
 files override earlier ones, ``--print_config`` shows the resolved configuration, and the config is
 saved in the run directory. Commands that train nothing have their own small parsers:
-``ntng plan`` (what a budget buys) and ``ntng calibrate`` (measure an RST profile).
+``ntng plan`` (what a budget buys), ``ntng calibrate`` (measure an RST profile), ``ntng finetune``
+and ``ntng il-losses`` (irreducible losses for RHO-loss).
 Bad input raises ``ConfigurationError``, printed as one line.
 """
 
@@ -69,6 +70,10 @@ def main(args: list[str] | None = None) -> None:
             from app.calibrate import main as calibrate_main
 
             calibrate_main(argv[1:])
+        elif argv[:1] == ["il-losses"]:
+            from app.irreducible_losses import main as il_losses_main
+
+            il_losses_main(argv[1:])
         elif argv[:1] == ["finetune"]:
             from app.finetune import main as finetune_main
 

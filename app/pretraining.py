@@ -155,14 +155,19 @@ class MaskedLanguageModel(LightningModule):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def per_example_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def per_example_losses(self, batch: dict[str, torch.Tensor], charge: bool = True) -> torch.Tensor:
         """Per-sequence mean MLM loss without gradient, for batch-selection methods.
+
+        Args:
+            batch: a masked batch (``input_ids``, ``labels``).
+            charge: pay the pass as forward-only on the clock (False: NTNG's "free scoring" ablation).
 
         Returns:
             ``[batch]`` losses; a sequence with no masked token gets 0.
         """
         labels = batch["labels"]
-        self.charge("forward", batch["input_ids"])
+        if charge:
+            self.charge("forward", batch["input_ids"])
         logits, targets = masked_lm_logits(
             self.model, self.family, batch["input_ids"], labels, batch.get("attention_mask")
         )

@@ -3,4 +3,4 @@
 Importing the package registers every method's planner with ``ntng plan``.
 """
 
-from callbacks import layer_drop, random_path, sophia, stacking  # noqa: F401  (planner registration)
+from callbacks import layer_drop, random_path, rho_loss, selective_backprop, sophia, stacking  # noqa: F401  (planners)

@@ -255,6 +255,10 @@ def test_masked_batches_match_training_batches(tmp_path):
     assert torch.equal(batch["input_ids"], expected[0]) and torch.equal(batch["labels"], expected[1])
     with pytest.raises(ConfigurationError, match="cached blocks"):
         make_dm(tmp_path).example_fingerprint()  # before setup
+    in_workers = make_dm(tmp_path, num_workers=1)
+    in_workers.setup("fit")
+    (batch_from_worker,) = list(in_workers.masked_batches(ids, epoch=2, batch_size=8))
+    assert torch.equal(batch_from_worker["labels"], batch["labels"])
     other = make_dm(tmp_path, mask_seed=1)
     other.setup("fit")
     assert other.example_fingerprint()["mask_seed"] == 1 and other.example_fingerprint()["blocks"] == dm.example_fingerprint()["blocks"]

@@ -1,0 +1,202 @@
+"""Selective backprop (Jiang et al. 2019) as NTNG ran it: pure selection math + a callback + a planner.
+
+The module-level functions are the method (loss percentiles in a history, keep probabilities,
+the Bernoulli draw, Composer's fixed-fraction draw, the expected selection rate); the callback and
+the ``selective_backprop`` planner both use them. The mechanics shared with RHO-loss (candidate
+stream, scoring, in-place batch swap) live in ``callbacks.selection``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from app.errors import ConfigurationError
+from app.plan import PlanSettings, UpdateCost, plan_baseline, register_planner
+from callbacks.sampling import step_generator
+from callbacks.selection import BatchSelection
+
+DEFAULT_BETA = 1.0  # NTNG's train.sb.scale (≈ 50 % kept); the official code's default is 3
+DEFAULT_HISTORY_SIZE = 5000  # NTNG; the official code keeps 1024
+DEFAULT_KEEP_FRACTION = 0.5  # Composer's keep
+
+
+def loss_percentiles(history: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Percentile of each loss within ``history``, as a fraction in (0, 1].
+
+    scipy's ``percentileofscore(history, loss, kind="rank") / 100`` (NTNG): ties take the average
+    rank, ``(below + at_or_below + [at_or_below > below]) / (2 n)``.
+
+    Args:
+        history: ``[n]`` recent losses (the current batch already appended, as NTNG and the official code do).
+        losses: ``[b]`` losses to rank.
+
+    Returns:
+        ``[b]`` percentiles.
+    """
+    below = (history[None, :] < losses[:, None]).sum(1)
+    at_or_below = (history[None, :] <= losses[:, None]).sum(1)
+    return (below + at_or_below + (at_or_below > below)).double() / (2 * history.numel())
+
+
+def keep_probabilities(percentiles: torch.Tensor, beta: float) -> torch.Tensor:
+    """Selective backprop's keep probability ``p ** beta`` (the official ``sampling_min`` is 0)."""
+    return percentiles.double() ** beta
+
+
+def sample_kept(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Indices kept by independent Bernoulli draws ``U < p`` (CPU ``generator``; ``U`` in [0, 1))."""
+    draws = torch.rand(probabilities.shape[0], generator=generator, dtype=torch.float64)
+    return (draws < probabilities.cpu()).nonzero()[:, 0]
+
+
+def fixed_fraction_kept(losses: torch.Tensor, keep_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Composer's variant: exactly ``int(keep_fraction * n)`` rows of this batch, no history.
+
+    Ranks within the batch give percentiles ``(rank + 0.5) / n``; rows are drawn without replacement
+    with probability proportional to ``percentile ** (1 / keep_fraction - 1)`` (keep 0.5: beta 1).
+
+    Returns:
+        Sorted indices of the kept rows.
+    """
+    count, rows = int(keep_fraction * losses.shape[0]), losses.shape[0]
+    ranks = losses.cpu().argsort().argsort().double()
+    weights = ((ranks + 0.5) / rows) ** (1.0 / keep_fraction - 1.0)
+    return torch.multinomial(weights, count, replacement=False, generator=generator).sort().values
+
+
+def expected_selection_rate(
+    beta: float = DEFAULT_BETA, variant: str = "history", keep_fraction: float = DEFAULT_KEEP_FRACTION
+) -> float:
+    """Expected share of scored examples kept: ``1 / (beta + 1)`` (uniform percentiles) or ``keep_fraction``."""
+    return keep_fraction if variant == "fixed_fraction" else 1.0 / (beta + 1.0)
+
+
+class SelectiveBackprop(BatchSelection):
+    """Selective backprop: train on the examples whose loss is high relative to recent losses.
+
+    Paper: Jiang et al., "Accelerating Deep Learning by Focusing on the Biggest Losers", 2019,
+    arXiv 1910.00762 (code: github.com/angelajiang/SelectiveBackprop). NTNG (Kaddour et al. 2023,
+    ``bert/pretrain_bert_sb.py``): every 128-sequence micro-batch is scored with a no-grad forward
+    (per-sequence mean MLM loss over masked tokens); each loss joins a history of the last 5000;
+    its percentile ``p`` in the history (scipy ``percentileofscore``, ties averaged) gives the keep
+    probability ``p ** beta``, beta = 1 (about half kept; beta 2: a third); kept sequences are
+    buffered until a full 1536 batch is trained. Every scoring forward is charged as forward-only
+    reference time, every trained micro-batch as forward+backward. Expected cost per trained
+    example: ``fb + fwd / rate``, 1.82x the baseline at 50 % with NTNG's forward = 0.41 of a step.
+
+    How it runs here (mechanics in ``callbacks.selection``): at each micro-batch the callback scores
+    candidate micro-batches from its own stream until the buffer holds a micro-batch of selected
+    rows, then swaps them into Lightning's batch. Parameters only change between updates, so
+    scoring lazily per micro-batch selects the same examples as NTNG's "score until 1536, then
+    train 12 micro-batches"; rows left over after an update (scored with the previous parameters)
+    go first into the next one, as in NTNG. The draws come from a generator seeded by
+    (seed, candidate batch, rank): reproducible and resumable without saved RNG state.
+
+    Choices and differences:
+
+    * Scoring runs in the module's training mode under the training precision context; the recipes
+      pretrain with dropout 0, where train and eval mode agree (the official code scores in eval mode).
+    * The history is per rank under DDP (the reference notes call that fine for iid data).
+    * ``variant: fixed_fraction`` is Composer's rule (exactly ``keep_fraction`` of each candidate
+      batch, drawn by in-batch rank, no history); unlike Composer, selected rows refill the batch,
+      so every update still trains ``batch_size`` examples. Composer's activity window and
+      every-other-batch interrupt are not implemented.
+    * No priming epoch (the official code trains the first epoch unselected; NTNG does not).
+    * The history spans ``history_size / batch_size`` updates (3.3 at NTNG's 1536). While the loss
+      falls faster than the history turns over (small batches, early training), new losses rank
+      low among older ones and fewer than ``1 / (beta + 1)`` are kept: each update then scores more
+      candidates than the planner's stationary estimate.
+    * ``train/loss`` is the loss of the selected (hard) examples, so it sits above a baseline's;
+      compare runs on ``val/loss``.
+
+    Args:
+        beta: exponent of the keep probability ``p ** beta`` (NTNG: 1; tuned over 1, 2, 3).
+        history_size: losses kept for the percentile (NTNG: 5000; official: 1024).
+        variant: ``history`` (NTNG, the paper) or ``fixed_fraction`` (Composer).
+        keep_fraction: share kept per candidate batch with ``variant: fixed_fraction``.
+        charge_scoring: charge scoring forwards to the budget; False is NTNG's "free" ablation.
+        seed: seed of the candidate order and the keep draws; ``None`` uses the run's.
+    """
+
+    def __init__(
+        self,
+        beta: float = DEFAULT_BETA,
+        history_size: int = DEFAULT_HISTORY_SIZE,
+        variant: Literal["history", "fixed_fraction"] = "history",
+        keep_fraction: float = DEFAULT_KEEP_FRACTION,
+        charge_scoring: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(charge_scoring, seed)
+        if beta <= 0:
+            raise ConfigurationError(f"SelectiveBackprop: beta must be > 0, got {beta}")
+        if history_size < 1:
+            raise ConfigurationError(f"SelectiveBackprop: history_size must be >= 1, got {history_size}")
+        if variant not in ("history", "fixed_fraction"):
+            raise ConfigurationError(f"SelectiveBackprop: variant must be history or fixed_fraction, got {variant!r}")
+        if not 0 < keep_fraction <= 1:
+            raise ConfigurationError(f"SelectiveBackprop: keep_fraction must be in (0, 1], got {keep_fraction}")
+        self.beta, self.history_size, self.variant, self.keep_fraction = beta, history_size, variant, keep_fraction
+        self.history = torch.empty(0)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.variant == "fixed_fraction" and int(self.keep_fraction * self.stream.batch_size) < 1:
+            raise ConfigurationError(
+                f"SelectiveBackprop: keep_fraction {self.keep_fraction} keeps no row of a {self.stream.batch_size}-row batch"
+            )
+
+    def fill(self, trainer: Trainer, pl_module: LightningModule, rows: int, micro_step: int) -> None:
+        while len(self.buffer) < rows:
+            candidates, _ = self.score(pl_module, pl_module.device)
+            losses = candidates["loss"]
+            generator = step_generator(self.seed, self.batches_scored, trainer.global_rank)
+            if self.variant == "fixed_fraction":
+                kept = fixed_fraction_kept(losses, self.keep_fraction, generator)
+            else:
+                self.history = torch.cat([self.history.to(losses.device), losses])[-self.history_size :]
+                kept = sample_kept(keep_probabilities(loss_percentiles(self.history, losses), self.beta), generator)
+            self.select(candidates, kept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = state_dict["history"]
+
+
+# -- planner --------------------------------------------------------------------------------------
+
+
+def _options(group: argparse.ArgumentParser) -> None:
+    """Adds the ``ntng plan`` options of the ``selective_backprop`` planner."""
+    group.add_argument("--sb-beta", type=float, default=DEFAULT_BETA, help="keep probability exponent (NTNG: 1)")
+    group.add_argument("--sb-variant", default="history", choices=["history", "fixed_fraction"])
+    group.add_argument("--sb-keep-fraction", type=float, default=DEFAULT_KEEP_FRACTION,
+                       help="share kept with --sb-variant fixed_fraction")
+    group.add_argument("--sb-free", action="store_true", help="scoring is not charged (NTNG's ablation)")
+
+
+@register_planner("selective_backprop", _options)
+def plan_selective_backprop(settings: PlanSettings, progress: float) -> UpdateCost:
+    """Expected cost of one update: the baseline plus ``micro_batches / rate`` scoring forwards at
+    full depth, rate = ``1 / (beta + 1)`` (or the fixed fraction). NTNG's 24 h BERT budget: 50 %
+    kept, so two forwards per trained micro-batch."""
+    options = settings.options
+    base = plan_baseline(settings, progress)
+    if getattr(options, "sb_free", False):
+        return base
+    rate = expected_selection_rate(
+        getattr(options, "sb_beta", DEFAULT_BETA), getattr(options, "sb_variant", "history"),
+        getattr(options, "sb_keep_fraction", DEFAULT_KEEP_FRACTION),
+    )
+    if not 0 < rate <= 1:
+        raise ConfigurationError("--sb-beta must be > 0 and --sb-keep-fraction in (0, 1]")
+    forward = settings.profile.seconds("forward", settings.micro_batch_tokens, settings.full_depth())
+    return dataclasses.replace(base, seconds=base.seconds + settings.micro_batches / rate * forward)
