@@ -140,7 +140,7 @@ def compute_irreducible_losses(
     example_ids = np.asarray(data.train_example_ids)
     losses = np.empty((epochs, len(example_ids)), dtype=np.float32)
     module.eval()
-    total, done, next_report = epochs * len(example_ids), 0, 0.0
+    total, done, next_report = epochs * len(example_ids), 0, 0.1
     for epoch in range(epochs):
         position = 0
         for batch in data.masked_batches(example_ids, epoch, batch_size):
@@ -154,6 +154,54 @@ def compute_irreducible_losses(
                 report(f"ntng il-losses: {done:,} / {total:,} examples ({100 * done / total:.0f} %)")
                 next_report += 0.1
     return losses
+
+
+def uncharged_costs(model_dir: Path, module: Any, profile_path: str | None, examples: int, seq_len: int) -> dict:
+    """What RHO-loss does not charge to the target run, for its report.
+
+    Args:
+        model_dir: the IL model's HF export; when it is a run's ``hf/``, the run's checkpoints hold
+            the clock of its training.
+        module: the IL model (for its signature and depth).
+        profile_path: the target recipe's RST profile, to price the IL pass (if it fits the IL model).
+        examples: forwards of the IL pass (examples x epochs).
+        seq_len: tokens per example.
+
+    Returns:
+        ``il_model_rst_hours`` (``None`` when no checkpoint with a clock is found) and
+        ``il_pass_rst_hours`` (``None`` without a profile for this model).
+    """
+    costs: dict[str, float | None] = {"il_model_rst_hours": None, "il_pass_rst_hours": None}
+    spent = []
+    for path in sorted((model_dir.resolve().parent / "checkpoints").glob("*.ckpt")):
+        clock = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("reference_clock")
+        if clock:
+            spent.append(clock["rst_seconds"] / 3600.0)
+    if spent:
+        costs["il_model_rst_hours"] = max(spent)
+    if profile_path is not None:
+        from app.cost_models import RSTProfile
+
+        profile = RSTProfile.load(profile_path)
+        if not profile.check_signature(module.model_signature(), allow_mismatch=True):
+            depth = {stack: module.layers.num_layers(stack) for stack in module.layers.stack_names}
+            costs["il_pass_rst_hours"] = profile.seconds("forward", examples * seq_len, depth) / 3600.0
+    return costs
+
+
+def describe_uncharged(provenance: dict) -> str:
+    """One line for the target run's report: what was not charged to its budget."""
+
+    def hours(value: float | None) -> str:
+        return "cost unknown" if value is None else f"{value:.4g} RST h"
+
+    examples, epochs = provenance.get("examples"), provenance.get("epochs")
+    scope = f" over {examples:,} examples x {epochs} epoch(s)" if examples is not None else ""
+    return (
+        "not charged to this budget (as in Mindermann et al. and NTNG): training the irreducible-loss model "
+        f"({hours(provenance.get('il_model_rst_hours'))}) and its loss pass{scope} "
+        f"({hours(provenance.get('il_pass_rst_hours'))})"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -200,12 +248,17 @@ def main(argv: list[str]) -> None:
         module, data, args.epochs, batch_size, trainer.precision_plugin.forward_context,
         report=lambda line: print(line, file=sys.stderr),
     )
-    result = IrreducibleLosses(
-        np.asarray(data.train_example_ids), losses, data.example_fingerprint(),
-        {"model": str(model_dir), "recipe": [str(path) for path in args.config], "overrides": overrides,
-         "precision": str(trainer.precision), "device": str(device),
-         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")},
-    )
-    result.save(args.output)
+    from callbacks.budget import ReferenceTimeBudget
+
+    budgets = [callback for callback in trainer.callbacks if isinstance(callback, ReferenceTimeBudget)]
+    profile = budgets[0].profile_path if budgets else None
+    provenance = {
+        "model": str(model_dir), "recipe": [str(path) for path in args.config], "overrides": overrides,
+        "precision": str(trainer.precision), "device": str(device), "examples": losses.shape[1], "epochs": args.epochs,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        **uncharged_costs(model_dir, module, profile, losses.size, data.seq_len),
+    }
+    IrreducibleLosses(np.asarray(data.train_example_ids), losses, data.example_fingerprint(), provenance).save(args.output)
     print(f"wrote {args.output}: {losses.shape[1]:,} examples x {losses.shape[0]} epoch(s), "
           f"mean irreducible loss {float(losses.mean()):.4f}")
+    print(describe_uncharged(provenance))

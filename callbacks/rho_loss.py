@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from app.errors import ConfigurationError
-from app.irreducible_losses import IrreducibleLosses
+from app.irreducible_losses import IrreducibleLosses, describe_uncharged
 from app.plan import PlanSettings, UpdateCost, plan_baseline, register_planner
 from callbacks.selection import BatchSelection
 
@@ -44,7 +44,9 @@ class RhoLoss(BatchSelection):
     update scores a mega-batch of 3072 candidates (2x the 1536 batch) with a no-grad forward of the
     target model, charged as forward-only reference time, and trains on the top 1536 by
     ``loss − IL``. The IL model's training and the IL pass are not charged (the paper treats them as
-    amortised); ntng reports them separately: they are an ordinary ``ntng fit`` and ``ntng il-losses``.
+    amortised); ntng reports them at the end of the run (from the file's provenance: the IL run's
+    clock and the IL pass priced by the target's profile), and plans them as what they are, an
+    ordinary ``ntng fit`` and one forward per example.
 
     How it runs here (mechanics in ``callbacks.selection``): at the first micro-batch of an update,
     the callback scores ``mega_batch_factor x`` this rank's share of the batch from its candidate
@@ -85,6 +87,7 @@ class RhoLoss(BatchSelection):
             raise ConfigurationError(f"RhoLoss: mega_batch_factor must be >= 1, got {mega_batch_factor}")
         self.irreducible_losses, self.mega_batch_factor = irreducible_losses, mega_batch_factor
         self._table: torch.Tensor | None = None
+        self._provenance: dict[str, Any] = {}
         self._warned_epoch = False
         self._extra = {"irreducible": 0.0, "reducible": 0.0}
 
@@ -96,6 +99,7 @@ class RhoLoss(BatchSelection):
         losses.check(trainer.datamodule.train_example_ids, trainer.datamodule.example_fingerprint(),
                      source=str(self.irreducible_losses))
         self._table = losses.table(pl_module.device)
+        self._provenance = losses.provenance
 
     def fill(self, trainer: Trainer, pl_module: LightningModule, rows: int, micro_step: int) -> None:
         if len(self.buffer) >= rows:
@@ -126,6 +130,9 @@ class RhoLoss(BatchSelection):
                 f"(recompute with `ntng il-losses --epochs {epoch + 1}` or more to avoid it)"
             )
         return self._table[epoch % epochs, example_ids.to(self._table.device)]
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rank_zero_info(f"ntng: RhoLoss: {describe_uncharged(self._provenance)}")
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -27,7 +27,7 @@ from callbacks.selective_backprop import (
     sample_kept,
 )
 from datamodules.pretraining import PretrainingDataModule
-from tests.conftest import REPO_ROOT, TINY_CONFIG, run_cli
+from tests.conftest import REPO_ROOT, TINY_CONFIG, run_cli, write_profile
 
 MICRO, SEQ = 8, 32
 
@@ -232,7 +232,7 @@ def write_il_losses(path, data, values=None, epochs=1) -> IrreducibleLosses:
     return result
 
 
-def test_rho_loss_trains_the_top_k_of_each_mega_batch(tmp_path):
+def test_rho_loss_trains_the_top_k_of_each_mega_batch(tmp_path, caplog):
     data = selection_data(tmp_path)
     # Examples with id % 4 == 0 are "irreducible" (huge IL): with 2x candidates they are never worth training.
     ids = data.train_example_ids
@@ -246,6 +246,7 @@ def test_rho_loss_trains_the_top_k_of_each_mega_batch(tmp_path):
     assert module.clock.passes == {"forward": 3 * 4, "forward_backward": 3 * 2}
     assert recorder.logged[-1]["method/selection_rate"] == 0.5
     assert recorder.logged[-1]["method/selected_irreducible_loss"] == 0.0
+    assert "RhoLoss: not charged to this budget" in caplog.text  # the end-of-run report says so
 
 
 def test_rho_loss_refuses_a_file_for_other_data(tmp_path):
@@ -278,7 +279,11 @@ def test_il_losses_command_uses_the_training_runs_masks(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     data = selection_data(tmp_path, holdout_fraction=0.2)
     il_model = selection_module(data)
-    il_model.export_pretrained(tmp_path / "il-model", data.tokenizer)
+    model_dir = il_model.export_pretrained(tmp_path / "il-run" / "hf", data.tokenizer)
+    (model_dir.parent / "checkpoints").mkdir()  # the IL run's clock, as its checkpoints keep it
+    torch.save({"reference_clock": {"rst_seconds": 5400.0}}, model_dir.parent / "checkpoints" / "last.ckpt")
+    profile = write_profile(tmp_path / "profile.yaml", {1: 0.6, 2: 1.2}, reference_tokens=MICRO * SEQ,
+                            vocab=data.vocab_size, seq_len=SEQ)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "model:\n  class_path: app.pretraining.MaskedLanguageModel\n"
@@ -288,12 +293,18 @@ def test_il_losses_command_uses_the_training_runs_masks(tmp_path, monkeypatch, c
         f"micro_batch_size: {MICRO}, val_size: 8, holdout_fraction: 0.2, cache_dir: '{tmp_path / 'cache'}'}}\n"
     )
     output = tmp_path / "il.npz"
-    args = ["il-losses", "--model", str(tmp_path / "il-model"), "-c", str(recipe), "--output", str(output),
-            "--epochs", "2", "--device", "cpu"]
+    args = ["il-losses", "--model", str(model_dir), "-c", str(recipe), "--output", str(output),
+            "--epochs", "2", "--device", "cpu", f"--budget.profile={profile}"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert "wrote" in out and "100 %" in err
     losses = IrreducibleLosses.load(output)
+    # What the target run will not be charged, for its report: the IL run's clock and the IL pass,
+    # priced by the recipe's profile (forward 0.4 s per 8 x 32 tokens at 2 layers).
+    examples = len(data.train_example_ids)
+    assert losses.provenance["il_model_rst_hours"] == 1.5
+    assert losses.provenance["il_pass_rst_hours"] == pytest.approx(2 * examples / MICRO * 0.4 / 3600)
+    assert f"over {examples:,} examples x 2 epoch(s)" in out and "(1.5 RST h)" in out
     losses.check(data.train_example_ids, data.example_fingerprint())
     # Each value is the IL model's loss on the example exactly as the run masks it in that epoch.
     il_model.eval()
