@@ -117,8 +117,8 @@ class RhoLoss(BatchSelection):
         mega["reducible"] = reducible_losses(mega["loss"], mega["irreducible"])
         chosen = top_k_rows(mega["reducible"], k)
         self.select(mega, chosen)
-        self._extra["irreducible"] += float(mega["irreducible"][chosen].sum())
-        self._extra["reducible"] += float(mega["reducible"][chosen].sum())
+        self._extra["irreducible"] = self._extra["irreducible"] + mega["irreducible"][chosen].sum()
+        self._extra["reducible"] = self._extra["reducible"] + mega["reducible"][chosen].sum()
 
     def _irreducible(self, example_ids: torch.Tensor, epoch: int) -> torch.Tensor:
         epochs = self._table.shape[0]
@@ -140,8 +140,8 @@ class RhoLoss(BatchSelection):
         selected = self._update["selected"]
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and selected:
-            pl_module.log("method/selected_irreducible_loss", self._extra["irreducible"] / selected)
-            pl_module.log("method/selected_reducible_loss", self._extra["reducible"] / selected)
+            pl_module.log("method/selected_irreducible_loss", float(self._extra["irreducible"]) / selected)
+            pl_module.log("method/selected_reducible_loss", float(self._extra["reducible"]) / selected)
             self._extra = {"irreducible": 0.0, "reducible": 0.0}
 
 

@@ -141,7 +141,7 @@ class BatchSelection(Callback):
         self._update = self._new_update()
 
     @staticmethod
-    def _new_update() -> dict[str, float]:
+    def _new_update() -> dict[str, Any]:
         return {"scored": 0, "selected": 0, "scored_loss": 0.0, "selected_loss": 0.0}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -194,8 +194,9 @@ class BatchSelection(Callback):
         rows = {key: cpu[key].to(device, non_blocking=True) for key in TRAINED_KEYS}
         rows["loss"] = pl_module.per_example_losses(rows, charge=self.charge_scoring).float()
         self.batches_scored += 1
+        # Sums stay on the device (no host sync per candidate batch) until the update is logged.
         self._update["scored"] += len(rows["loss"])
-        self._update["scored_loss"] += float(rows["loss"].sum())
+        self._update["scored_loss"] = self._update["scored_loss"] + rows["loss"].sum()
         return rows, epoch
 
     def select(self, rows: dict[str, torch.Tensor], index: torch.Tensor) -> None:
@@ -203,7 +204,7 @@ class BatchSelection(Callback):
         index = index.to(rows["loss"].device)
         self.buffer.add(rows, index)
         self._update["selected"] += len(index)
-        self._update["selected_loss"] += float(rows["loss"][index].sum())
+        self._update["selected_loss"] = self._update["selected_loss"] + rows["loss"][index].sum()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -213,9 +214,9 @@ class BatchSelection(Callback):
         update, self._update = self._update, self._new_update()
         if update["scored"]:
             pl_module.log("method/selection_rate", update["selected"] / update["scored"])
-            pl_module.log("method/scored_loss", update["scored_loss"] / update["scored"])
+            pl_module.log("method/scored_loss", float(update["scored_loss"]) / update["scored"])
         if update["selected"]:
-            pl_module.log("method/selected_loss", update["selected_loss"] / update["selected"])
+            pl_module.log("method/selected_loss", float(update["selected_loss"]) / update["selected"])
         pl_module.log("method/candidate_epoch", float(self.stream.epoch))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
