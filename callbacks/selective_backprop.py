@@ -180,23 +180,27 @@ def _options(group: argparse.ArgumentParser) -> None:
     group.add_argument("--sb-variant", default="history", choices=["history", "fixed_fraction"])
     group.add_argument("--sb-keep-fraction", type=float, default=DEFAULT_KEEP_FRACTION,
                        help="share kept with --sb-variant fixed_fraction")
+    group.add_argument("--sb-selection-rate", type=float, default=None,
+                       help="plan with this share kept instead of the stationary 1/(beta+1) "
+                            "(e.g. a run's mean method/selection_rate)")
     group.add_argument("--sb-free", action="store_true", help="scoring is not charged (NTNG's ablation)")
 
 
 @register_planner("selective_backprop", _options)
 def plan_selective_backprop(settings: PlanSettings, progress: float) -> UpdateCost:
     """Expected cost of one update: the baseline plus ``micro_batches / rate`` scoring forwards at
-    full depth, rate = ``1 / (beta + 1)`` (or the fixed fraction). NTNG's 24 h BERT budget: 50 %
-    kept, so two forwards per trained micro-batch."""
+    full depth, rate = ``1 / (beta + 1)`` (or the fixed fraction, or ``--sb-selection-rate``). NTNG's
+    24 h BERT budget: 50 % kept, so two forwards per trained micro-batch. The stationary rate
+    overestimates while the loss falls faster than the history turns over."""
     options = settings.options
     base = plan_baseline(settings, progress)
     if getattr(options, "sb_free", False):
         return base
-    rate = expected_selection_rate(
+    rate = getattr(options, "sb_selection_rate", None) or expected_selection_rate(
         getattr(options, "sb_beta", DEFAULT_BETA), getattr(options, "sb_variant", "history"),
         getattr(options, "sb_keep_fraction", DEFAULT_KEEP_FRACTION),
     )
     if not 0 < rate <= 1:
-        raise ConfigurationError("--sb-beta must be > 0 and --sb-keep-fraction in (0, 1]")
+        raise ConfigurationError("--sb-beta must be > 0, --sb-keep-fraction and --sb-selection-rate in (0, 1]")
     forward = settings.profile.seconds("forward", settings.micro_batch_tokens, settings.full_depth())
     return dataclasses.replace(base, seconds=base.seconds + settings.micro_batches / rate * forward)

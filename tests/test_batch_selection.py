@@ -341,6 +341,9 @@ def test_planners_price_two_forwards_per_trained_micro_batch_at_ntng_defaults():
     # beta 2 keeps a third: three forwards per trained micro-batch, fewer updates.
     assert plan("selective_backprop", bert_settings(sb_beta=2.0), 24)["updates"] < plan("rho_loss", settings, 24)["updates"]
     assert plan("rho_loss", bert_settings(rho_mega_batch_factor=10.0), 24)["updates"] < baseline["updates"] / 4
+    # An observed rate replaces the stationary one: a third kept prices like beta 2.
+    assert plan("selective_backprop", bert_settings(sb_selection_rate=1 / 3), 24) == plan(
+        "selective_backprop", bert_settings(sb_beta=2.0), 24)
 
 
 class RankRecorder(Callback):
