@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from app.errors import ConfigurationError
@@ -137,7 +138,7 @@ class BatchSelection(Callback):
         self.stream: CandidateStream | None = None
         self.buffer = SelectedRows()
         self.batches_scored = 0  # candidate batches scored on this rank (seeds per-batch draws)
-        self._stream_state: dict[str, int] | None = None
+        self._saved_ranks: list[dict[str, Any]] | None = None  # restored before setup, applied there
         self._update = self._new_update()
 
     @staticmethod
@@ -159,8 +160,8 @@ class BatchSelection(Callback):
         self.stream = CandidateStream(
             data, data.hparams.micro_batch_size, self.seed, trainer.global_rank, trainer.world_size
         )
-        if self._stream_state is not None:
-            self.stream.load_state_dict(self._stream_state)
+        if self._saved_ranks is not None:
+            self._restore()
 
     # -- the swap ---------------------------------------------------------------------------------
 
@@ -224,15 +225,42 @@ class BatchSelection(Callback):
             self.stream.close()
 
     # -- resume -----------------------------------------------------------------------------------
+    # Every rank has its own stream position, buffer and history, but Lightning keeps rank 0's
+    # callback state only. Checkpoints are dumped on every rank in step, so the states are
+    # gathered there and each rank takes its own back on resume.
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's state (subclasses add theirs)."""
+        return {"stream": self.stream.state_dict(), "buffer": self.buffer.state_dict(),
+                "batches_scored": self.batches_scored}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`rank_state` (the stream exists by then)."""
+        self.stream.load_state_dict(state["stream"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.batches_scored = int(state["batches_scored"])
 
     def state_dict(self) -> dict[str, Any]:
-        stream = self.stream.state_dict() if self.stream is not None else self._stream_state
-        return {"stream": stream, "buffer": self.buffer.state_dict(), "batches_scored": self.batches_scored}
+        if self.stream is None:  # saved before training started
+            return {"ranks": self._saved_ranks}
+        state = self.rank_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+            return {"ranks": states}
+        return {"ranks": [state]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks after ``setup``, so the stream usually exists already.
-        self._stream_state = state_dict["stream"]
-        if self.stream is not None and self._stream_state is not None:
-            self.stream.load_state_dict(self._stream_state)
-        self.buffer.load_state_dict(state_dict["buffer"])
-        self.batches_scored = int(state_dict["batches_scored"])
+        self._saved_ranks = state_dict["ranks"]
+        if self.stream is not None:  # Lightning restores callbacks after ``setup``
+            self._restore()
+
+    def _restore(self) -> None:
+        if self._saved_ranks is None:
+            return
+        if len(self._saved_ranks) != self.stream.world_size:
+            raise ConfigurationError(
+                f"{type(self).__name__}: the checkpoint holds the selection state of {len(self._saved_ranks)} "
+                f"rank(s) but this run has {self.stream.world_size}; batch selection resumes only on as many ranks"
+            )
+        self.load_rank_state(self._saved_ranks[self.stream.rank])

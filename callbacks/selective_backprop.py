@@ -163,12 +163,12 @@ class SelectiveBackprop(BatchSelection):
                 kept = sample_kept(keep_probabilities(loss_percentiles(self.history, losses), self.beta), generator)
             self.select(candidates, kept)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history.cpu()}
+    def rank_state(self) -> dict[str, Any]:
+        return {**super().rank_state(), "history": self.history.cpu()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.history = state_dict["history"]
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        super().load_rank_state(state)
+        self.history = state["history"]
 
 
 # -- planner --------------------------------------------------------------------------------------

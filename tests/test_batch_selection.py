@@ -347,35 +347,50 @@ def test_planners_price_two_forwards_per_trained_micro_batch_at_ntng_defaults():
 
 
 class RankRecorder(Callback):
-    """Writes what each DDP rank trained on to ``<directory>/rank<r>.pt`` (spawned ranks share no memory)."""
+    """Writes what each DDP rank trained on to ``<directory>/rank<r>.pt`` (spawned ranks share no memory),
+    and with ``checkpoint`` saves a checkpoint at the end (every rank takes part in saving)."""
 
-    def __init__(self, directory) -> None:
-        self.directory, self.example_ids = directory, []
+    def __init__(self, directory, checkpoint=None) -> None:
+        self.directory, self.checkpoint, self.example_ids = directory, checkpoint, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.example_ids.append(batch["example_ids"].tolist())
 
     def on_train_end(self, trainer, pl_module):
+        self.directory.mkdir(exist_ok=True)
         torch.save({"example_ids": self.example_ids, "steps": trainer.global_step,
                     "forward": pl_module.clock.passes["forward"]}, self.directory / f"rank{trainer.global_rank}.pt")
+        if self.checkpoint is not None:
+            trainer.save_checkpoint(self.checkpoint)
 
 
-def test_two_ddp_ranks_take_every_step_on_their_own_candidates(tmp_path):
-    data = selection_data(tmp_path)
+def ddp_fit(data, directory, stop_after=-1, checkpoint=None, ckpt_path=None) -> list[dict]:
     trainer = Trainer(
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=3,
+        default_root_dir=directory, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=stop_after,
         accumulate_grad_batches=2, accelerator="cpu", devices=2, strategy="ddp_spawn",
-        # Half of each candidate batch kept: 12 of a rank's 13 candidate batches per epoch are read.
-        callbacks=[SelectiveBackprop(variant="fixed_fraction", seed=0), ReferenceTimeBudget(), RankRecorder(tmp_path)],
+        callbacks=[SelectiveBackprop(seed=0), ReferenceTimeBudget(budget=6, unit="steps"),
+                   RankRecorder(directory, checkpoint)],
     )
-    trainer.fit(selection_module(data), datamodule=data)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    assert [r["steps"] for r in ranks] == [3, 3]
-    assert all(len(r["example_ids"]) == 6 and all(len(ids) == MICRO for ids in r["example_ids"]) for r in ranks)
-    trained = [{i for ids in r["example_ids"] for i in ids} for r in ranks]
-    assert not trained[0] & trained[1]  # disjoint candidate shards
-    assert [r["forward"] for r in ranks] == [12, 12]  # each rank scored its own candidates
+    trainer.fit(selection_module(data), datamodule=data, ckpt_path=ckpt_path)
+    return [torch.load(directory / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_two_ddp_ranks_take_every_step_on_their_own_candidates_and_resume_exactly(tmp_path):
+    data = selection_data(tmp_path, val_size=8)
+    full = ddp_fit(data, tmp_path / "full")
+    assert [r["steps"] for r in full] == [6, 6]
+    assert all(len(r["example_ids"]) == 12 and all(len(ids) == MICRO for ids in r["example_ids"]) for r in full)
+    first_epoch = [{i for ids in r["example_ids"][:6] for i in ids} for r in full]
+    assert not first_epoch[0] & first_epoch[1]  # disjoint candidate shards (within an epoch)
+    assert all(r["forward"] >= 12 for r in full)  # each rank scored its own candidates
+    # Each rank's stream position, buffer and history survive a checkpoint (Lightning keeps rank 0's
+    # callback state only; the callback gathers every rank's into it).
+    checkpoint = tmp_path / "part.ckpt"
+    part = ddp_fit(data, tmp_path / "part", stop_after=3, checkpoint=checkpoint)
+    resumed = ddp_fit(data, tmp_path / "resumed", ckpt_path=checkpoint)
+    for rank in range(2):
+        assert part[rank]["example_ids"] + resumed[rank]["example_ids"] == full[rank]["example_ids"]
 
 
 def test_selective_backprop_overlay_trains_and_logs(tmp_path, monkeypatch, sample_corpus, capsys):
