@@ -26,7 +26,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFas
 from app.errors import ConfigurationError
 from datamodules import corpus
 from datamodules.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
-from datamodules.masking import MaskingCollate, mask_tokens
+from datamodules.masking import MASKING_VERSION, MaskingCollate, mask_tokens
 from datamodules.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
 
 # Bump when the packing or the cache layout changes, so stale caches are never reused.
@@ -341,5 +341,6 @@ class PretrainingDataModule(LightningDataModule):
             "mlm_probability": h.mlm_probability,
             "mask_replace_prob": h.mask_replace_prob,
             "random_replace_prob": h.random_replace_prob,
+            "masking": MASKING_VERSION,
         }
 

@@ -306,6 +306,19 @@ def test_masking_statistics_and_special_tokens(collator):
     assert abs(to_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(1 - to_mask - kept - 0.1) < 0.02
 
 
+@pytest.mark.parametrize("replace, randomise", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.5, 0.5)])
+def test_masking_replacement_shares_at_the_edges(collator, replace, randomise):
+    collator.mask_replace_prob, collator.random_replace_prob = replace, randomise
+    tok = collator.tokenizer
+    ids = random_blocks(tok, 64, 128)
+    masked, labels = mask_tokens(ids, torch.arange(64), collator, seed=0, epoch=0)
+    selected = labels != -100
+    to_mask = (masked[selected] == tok.mask_token_id).float().mean().item()
+    changed = (masked[selected] != ids[selected]).float().mean().item()
+    assert abs(to_mask - replace) < 0.03 and abs(changed - replace - randomise) < 0.03
+    assert masked.max() < len(tok) and masked.min() >= 0
+
+
 # ----------------------------------------------------------------------------------------------- loaders
 
 
