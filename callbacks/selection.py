@@ -8,7 +8,8 @@ refused under DDP). So Lightning's loop runs unchanged and only *what* a micro-b
   the data module's training ids, sharded by rank, read and masked by ``datamodule.masked_batches``
   exactly as a training batch would be (masking runs in the loader workers).
 * In ``on_train_batch_start`` it scores as many candidate micro-batches as the method needs with
-  ``pl_module.per_example_losses`` (no gradient, charged forward-only on the clock), keeps the chosen
+  ``pl_module.per_example_losses`` (no gradient; charged forward-only on the clock before the
+  update's optimizer step, under DDP for the rank that scored most), keeps the chosen
   rows in a device buffer (:class:`SelectedRows`), and overwrites the tensors of the batch dict that
   Lightning passes on to ``training_step`` with exactly as many buffered rows as Lightning's batch had.
 
@@ -138,6 +139,8 @@ class BatchSelection(Callback):
         self.stream: CandidateStream | None = None
         self.buffer = SelectedRows()
         self.batches_scored = 0  # candidate batches scored on this rank (seeds per-batch draws)
+        self._unpaid_batches = 0  # scored in this update, charged before its optimizer step
+        self._candidate_shape: torch.Size | None = None
         self._saved_ranks: list[dict[str, Any]] | None = None  # restored before setup, applied there
         self._update = self._new_update()
 
@@ -154,12 +157,15 @@ class BatchSelection(Callback):
                 f"{type(self).__name__} reads candidates by example id: it needs a data module with "
                 "train_example_ids and masked_batches (PretrainingDataModule with streaming=false)"
             )
-        if not hasattr(pl_module, "per_example_losses"):
-            raise ConfigurationError(f"{type(self).__name__}: {type(pl_module).__name__} has no per_example_losses")
+        if not (hasattr(pl_module, "per_example_losses") and hasattr(pl_module, "charge")):
+            raise ConfigurationError(
+                f"{type(self).__name__}: {type(pl_module).__name__} has no per_example_losses and charge"
+            )
         self.seed = run_seed(self.seed)
         self.stream = CandidateStream(
             data, data.hparams.micro_batch_size, self.seed, trainer.global_rank, trainer.world_size
         )
+        self._candidate_shape = torch.Size([self.stream.batch_size, data.seq_len])
         if self._saved_ranks is not None:
             self._restore()
 
@@ -193,8 +199,9 @@ class BatchSelection(Callback):
         """
         cpu, epoch = self.stream.next()
         rows = {key: cpu[key].to(device, non_blocking=True) for key in TRAINED_KEYS}
-        rows["loss"] = pl_module.per_example_losses(rows, charge=self.charge_scoring).float()
+        rows["loss"] = pl_module.per_example_losses(rows, charge=False).float()
         self.batches_scored += 1
+        self._unpaid_batches += 1
         # Sums stay on the device (no host sync per candidate batch) until the update is logged.
         self._update["scored"] += len(rows["loss"])
         self._update["scored_loss"] = self._update["scored_loss"] + rows["loss"].sum()
@@ -206,6 +213,22 @@ class BatchSelection(Callback):
         self.buffer.add(rows, index)
         self._update["selected"] += len(index)
         self._update["selected_loss"] = self._update["selected_loss"] + rows["loss"][index].sum()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # Scoring is paid per update, before the module sets the LR from budget progress. Under DDP
+        # ranks score different numbers of candidates (selective backprop) but wait for the slowest
+        # at the gradient all-reduce, and every rank's clock must agree (LR, cadence, stop): each
+        # charges the largest count of any rank.
+        batches, self._unpaid_batches = self._unpaid_batches, 0
+        if not self.charge_scoring:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            count = torch.tensor(batches, device=pl_module.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            batches = int(count)
+        shape_only = torch.empty(self._candidate_shape, device="meta")  # the clock reads numel()
+        for _ in range(batches):
+            pl_module.charge("forward", shape_only)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

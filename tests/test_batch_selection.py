@@ -358,8 +358,9 @@ class RankRecorder(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.directory.mkdir(exist_ok=True)
-        torch.save({"example_ids": self.example_ids, "steps": trainer.global_step,
-                    "forward": pl_module.clock.passes["forward"]}, self.directory / f"rank{trainer.global_rank}.pt")
+        torch.save({"example_ids": self.example_ids, "steps": trainer.global_step, "scored": trainer.callbacks[0].batches_scored,
+                    "forward": pl_module.clock.passes["forward"], "rst": pl_module.clock.rst_seconds},
+                   self.directory / f"rank{trainer.global_rank}.pt")
         if self.checkpoint is not None:
             trainer.save_checkpoint(self.checkpoint)
 
@@ -383,7 +384,11 @@ def test_two_ddp_ranks_take_every_step_on_their_own_candidates_and_resume_exactl
     assert all(len(r["example_ids"]) == 12 and all(len(ids) == MICRO for ids in r["example_ids"]) for r in full)
     first_epoch = [{i for ids in r["example_ids"][:6] for i in ids} for r in full]
     assert not first_epoch[0] & first_epoch[1]  # disjoint candidate shards (within an epoch)
-    assert all(r["forward"] >= 12 for r in full)  # each rank scored its own candidates
+    # Ranks score different numbers of candidates, but every clock charges the slowest rank's per
+    # update (they wait for it at the all-reduce), so LR, cadence and stop agree everywhere.
+    assert full[0]["forward"] == full[1]["forward"] >= max(r["scored"] for r in full) >= 12
+    assert full[0]["rst"] == full[1]["rst"]
+    assert full[0]["scored"] != full[1]["scored"]  # (26 and 30 here: the case that needs it)
     # Each rank's stream position, buffer and history survive a checkpoint (Lightning keeps rank 0's
     # callback state only; the callback gathers every rank's into it).
     checkpoint = tmp_path / "part.ckpt"
