@@ -100,13 +100,17 @@ def test_candidate_stream_shards_disjointly_and_resumes(tmp_path):
 # -- in a fit ---------------------------------------------------------------------------------------
 
 
-def selection_data(tmp_path, **kwargs) -> PretrainingDataModule:
-    from tests.test_datamodule import write_corpus
+def selection_data(tmp_path, documents: int = 120, **kwargs) -> PretrainingDataModule:
+    """Random-word documents with a fixed word vocabulary: the same blocks on every machine (a trained
+    WordPiece tokenizer is not bit-reproducible, and the DDP test depends on exact block counts)."""
+    from datamodules.tokenizer import SPECIAL_TOKENS
+    from tests.test_datamodule import WORDS, write_corpus
 
-    corpus = tmp_path / "corpus.txt"
+    corpus, vocab = tmp_path / "corpus.txt", tmp_path / "vocab.txt"
     if not corpus.exists():
-        write_corpus(corpus, documents=120)
-    options = dict(tokenizer_vocab_size=120, seq_len=SEQ, micro_batch_size=MICRO, val_size=8,
+        write_corpus(corpus, documents=documents)
+        vocab.write_text("\n".join([*SPECIAL_TOKENS.values(), ".", *sorted(set(WORDS))]) + "\n")
+    options = dict(tokenizer=str(vocab), seq_len=SEQ, micro_batch_size=MICRO, val_size=8,
                    cache_dir=str(tmp_path / "cache")) | kwargs
     data = PretrainingDataModule([str(corpus)], **options)
     data.setup("fit")
@@ -289,7 +293,7 @@ def test_il_losses_command_uses_the_training_runs_masks(tmp_path, monkeypatch, c
         "model:\n  class_path: app.pretraining.MaskedLanguageModel\n"
         f"  init_args: {{config: {TINY_CONFIG}}}\n"
         "data:\n  class_path: datamodules.pretraining.PretrainingDataModule\n"
-        f"  init_args: {{sources: ['{tmp_path / 'corpus.txt'}'], tokenizer_vocab_size: 120, seq_len: {SEQ}, "
+        f"  init_args: {{sources: ['{tmp_path / 'corpus.txt'}'], tokenizer: '{tmp_path / 'vocab.txt'}', seq_len: {SEQ}, "
         f"micro_batch_size: {MICRO}, val_size: 8, holdout_fraction: 0.2, cache_dir: '{tmp_path / 'cache'}'}}\n"
     )
     output = tmp_path / "il.npz"
@@ -378,17 +382,17 @@ def ddp_fit(data, directory, stop_after=-1, checkpoint=None, ckpt_path=None) -> 
 
 
 def test_two_ddp_ranks_take_every_step_on_their_own_candidates_and_resume_exactly(tmp_path):
-    data = selection_data(tmp_path, val_size=8)
+    data = selection_data(tmp_path, documents=600)  # ~570 examples per rank: the run stays in epoch 0
     full = ddp_fit(data, tmp_path / "full")
     assert [r["steps"] for r in full] == [6, 6]
     assert all(len(r["example_ids"]) == 12 and all(len(ids) == MICRO for ids in r["example_ids"]) for r in full)
-    first_epoch = [{i for ids in r["example_ids"][:6] for i in ids} for r in full]
-    assert not first_epoch[0] & first_epoch[1]  # disjoint candidate shards (within an epoch)
+    trained = [{i for ids in r["example_ids"] for i in ids} for r in full]
+    assert not trained[0] & trained[1]  # disjoint candidate shards
     # Ranks score different numbers of candidates, but every clock charges the slowest rank's per
     # update (they wait for it at the all-reduce), so LR, cadence and stop agree everywhere.
     assert full[0]["forward"] == full[1]["forward"] >= max(r["scored"] for r in full) >= 12
     assert full[0]["rst"] == full[1]["rst"]
-    assert full[0]["scored"] != full[1]["scored"]  # (26 and 30 here: the case that needs it)
+    assert full[0]["scored"] != full[1]["scored"]  # the case that needs it (deterministic data)
     # Each rank's stream position, buffer and history survive a checkpoint (Lightning keeps rank 0's
     # callback state only; the callback gathers every rank's into it).
     checkpoint = tmp_path / "part.ckpt"
