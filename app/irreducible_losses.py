@@ -189,6 +189,48 @@ def uncharged_costs(model_dir: Path, module: Any, profile_path: str | None, exam
     return costs
 
 
+def planned_candidate_epochs(cli: Any, data: Any) -> tuple[int, str] | None:
+    """Masking epochs a RHO-loss run of this recipe will read candidates from, from its budget.
+
+    The budget buys ``updates`` (``ntng plan --method rho_loss`` for an RST budget; the amount for
+    ``steps``; trained tokens / batch tokens for ``tokens``), each reading ``mega_batch_factor x
+    batch_size`` candidates; an epoch is the training split. ``None`` when the budget cannot be
+    planned (wall-clock or FLOP budgets, no profile).
+
+    Returns:
+        ``(epochs, explanation)``.
+    """
+    from app.cost_models import RSTProfile
+    from app.plan import PlanSettings, plan
+    from callbacks.budget import ReferenceTimeBudget
+    from callbacks.rho_loss import DEFAULT_MEGA_BATCH_FACTOR, RhoLoss
+
+    trainer = cli.trainer
+    budget = next((c for c in trainer.callbacks if isinstance(c, ReferenceTimeBudget)), None)
+    rho = next((c for c in trainer.callbacks if isinstance(c, RhoLoss)), None)
+    factor = rho.mega_batch_factor if rho is not None else DEFAULT_MEGA_BATCH_FACTOR
+    micro = data.hparams.micro_batch_size
+    batch = micro * trainer.accumulate_grad_batches * trainer.world_size
+    if budget is None or budget.budget is None:
+        return None
+    amount, unit = budget.budget.amount, budget.budget.unit
+    if unit == "steps":
+        updates = amount
+    elif unit == "tokens":
+        updates = amount / (batch * data.seq_len)
+    elif unit == "rst_hours" and budget.profile_path is not None:
+        optimizer = type(cli.model.configure_optimizers()).__name__
+        settings = PlanSettings(RSTProfile.load(budget.profile_path), batch, micro, data.seq_len, optimizer,
+                                argparse.Namespace(rho_mega_batch_factor=factor))
+        updates = plan("rho_loss", settings, amount)["updates"]
+    else:
+        return None
+    candidates = updates * batch * factor
+    epochs = max(1, math.ceil(candidates / len(data.train_example_ids)))
+    return epochs, (f"the recipe's budget ({amount:g} {unit}) buys ~{updates:,.0f} RHO-loss updates reading "
+                    f"~{candidates:,.0f} candidates from {len(data.train_example_ids):,} training examples")
+
+
 def describe_uncharged(provenance: dict) -> str:
     """One line for the target run's report: what was not charged to its budget."""
 
@@ -215,12 +257,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("-c", "--config", action="append", required=True,
                         help="the *target* run's recipe and overlays (repeatable), e.g. -c recipe.yaml -c configs/methods/rho_loss.yaml")
     parser.add_argument("--output", required=True, help="file to write (.npz)")
-    parser.add_argument("--epochs", type=int, default=1,
-                        help="masking epochs to cover; a run reading candidates past them reuses epoch e mod N with a warning")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="masking epochs to cover (default: as many as the recipe's budget will read, else 1); "
+                             "a run reading candidates past them reuses epoch e mod N with a warning")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: the recipe's eval batch)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args, overrides = parser.parse_known_args(argv)
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise ConfigurationError("--epochs must be >= 1")
 
     from app.cli import build_cli
@@ -241,11 +284,18 @@ def main(argv: list[str]) -> None:
             raise ConfigurationError(f"the IL model in {model_dir} was trained with another tokenizer than this recipe's data")
     module = type(cli.model)(checkpoint=str(model_dir), vocab_size=data.vocab_size,
                              pad_token_id=data.pad_token_id, seq_len=data.seq_len)
+    planned = planned_candidate_epochs(cli, data)
+    if planned is not None:
+        print(f"ntng il-losses: {planned[1]}: {planned[0]} masking epoch(s)", file=sys.stderr)
+    epochs = args.epochs or (planned[0] if planned is not None else 1)
+    if planned is not None and epochs < planned[0]:
+        print(f"ntng il-losses: warning: --epochs {epochs} covers fewer; later epochs will reuse earlier masks' losses",
+              file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module.to(device)
     batch_size = args.batch_size or data.hparams.eval_batch_size or data.hparams.micro_batch_size
     losses = compute_irreducible_losses(
-        module, data, args.epochs, batch_size, trainer.precision_plugin.forward_context,
+        module, data, epochs, batch_size, trainer.precision_plugin.forward_context,
         report=lambda line: print(line, file=sys.stderr),
     )
     from callbacks.budget import ReferenceTimeBudget
@@ -254,7 +304,7 @@ def main(argv: list[str]) -> None:
     profile = budgets[0].profile_path if budgets else None
     provenance = {
         "model": str(model_dir), "recipe": [str(path) for path in args.config], "overrides": overrides,
-        "precision": str(trainer.precision), "device": str(device), "examples": losses.shape[1], "epochs": args.epochs,
+        "precision": str(trainer.precision), "device": str(device), "examples": losses.shape[1], "epochs": epochs,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         **uncharged_costs(model_dir, module, profile, losses.size, data.seq_len),
     }

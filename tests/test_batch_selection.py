@@ -317,6 +317,15 @@ def test_il_losses_command_uses_the_training_runs_masks(tmp_path, monkeypatch, c
         expected = il_model.per_example_losses(batch, charge=False).numpy()
         assert np.allclose(losses.losses[epoch, :MICRO], expected, atol=1e-5)
     assert not np.allclose(losses.losses[0], losses.losses[1])  # a new mask each epoch
+    # Without --epochs it covers as many masking epochs as the recipe's budget will read: 30 updates
+    # of 8 sequences, 2 candidates each.
+    planned = ["il-losses", "--model", str(model_dir), "-c", str(recipe), "--output", str(tmp_path / "planned.npz"),
+               "--device", "cpu", "--budget.budget=30", "--budget.unit=steps"]
+    code, _, err = run_cli(planned, capsys)
+    assert code == 0, err
+    expected = -(-30 * MICRO * 2 // examples)
+    assert IrreducibleLosses.load(tmp_path / "planned.npz").epochs == expected > 1
+    assert f"{expected} masking epoch(s)" in err
     # The IL model's own recipe (training on the holdout) is refused, with the reason.
     code, _, err = run_cli(args + ["--data.init_args.train_split=holdout"], capsys)
     assert code == 2 and "pass the target run's recipe" in err
