@@ -75,6 +75,12 @@ class RhoLoss(BatchSelection):
         seed: seed of the candidate order; ``None`` uses the run's.
     """
 
+    SELECTED_MEANS = {
+        **BatchSelection.SELECTED_MEANS,
+        "irreducible": "method/selected_irreducible_loss",
+        "reducible": "method/selected_reducible_loss",
+    }
+
     def __init__(
         self,
         irreducible_losses: str,
@@ -89,7 +95,6 @@ class RhoLoss(BatchSelection):
         self._table: torch.Tensor | None = None
         self._provenance: dict[str, Any] = {}
         self._warned_epoch = False
-        self._extra = {"irreducible": 0.0, "reducible": 0.0}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -104,21 +109,18 @@ class RhoLoss(BatchSelection):
     def fill(self, trainer: Trainer, pl_module: LightningModule, rows: int, micro_step: int) -> None:
         if len(self.buffer) >= rows:
             return
-        # Select for the rest of the update (all of it at micro-step 0; less only after a resume
-        # taken inside an update, which Lightning's step-end checkpoints never are).
+        # Select for the rest of the update: all of it at micro-step 0; less when rows are left over
+        # (Lightning ended an epoch inside an update) or after a resume taken inside an update.
         k = rows * (trainer.accumulate_grad_batches - micro_step) - len(self.buffer)
         batches = math.ceil(self.mega_batch_factor * k / self.stream.batch_size)
         scored = []
         for _ in range(batches):
-            candidates, epoch = self.score(pl_module, pl_module.device)
+            candidates, epoch = self.score(pl_module)
             candidates["irreducible"] = self._irreducible(candidates["example_ids"], epoch)
             scored.append(candidates)
         mega = {key: torch.cat([batch[key] for batch in scored]) for key in scored[0]}
         mega["reducible"] = reducible_losses(mega["loss"], mega["irreducible"])
-        chosen = top_k_rows(mega["reducible"], k)
-        self.select(mega, chosen)
-        self._extra["irreducible"] = self._extra["irreducible"] + mega["irreducible"][chosen].sum()
-        self._extra["reducible"] = self._extra["reducible"] + mega["reducible"][chosen].sum()
+        self.select(mega, top_k_rows(mega["reducible"], k))
 
     def _irreducible(self, example_ids: torch.Tensor, epoch: int) -> torch.Tensor:
         epochs = self._table.shape[0]
@@ -133,16 +135,6 @@ class RhoLoss(BatchSelection):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(f"ntng: RhoLoss: {describe_uncharged(self._provenance)}")
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        selected = self._update["selected"]
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and selected:
-            pl_module.log("method/selected_irreducible_loss", float(self._extra["irreducible"]) / selected)
-            pl_module.log("method/selected_reducible_loss", float(self._extra["reducible"]) / selected)
-            self._extra = {"irreducible": 0.0, "reducible": 0.0}
 
 
 # -- planner --------------------------------------------------------------------------------------

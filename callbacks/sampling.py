@@ -40,6 +40,12 @@ def step_generator(seed: int, step: int, micro_step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
+def multi_process() -> bool:
+    """Whether a ``torch.distributed`` group of more than one process is running."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
+
+
 def micro_step(trainer: Trainer, batch_idx: int) -> int:
     """Index of this micro-batch within its optimizer step."""
     return batch_idx % trainer.accumulate_grad_batches

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from app.errors import ConfigurationError
-from callbacks.sampling import run_seed
+from callbacks.sampling import multi_process, run_seed
 
 TRAINED_KEYS = ("input_ids", "labels", "example_ids")
 
@@ -92,7 +92,7 @@ class CandidateStream:
 
 
 class SelectedRows:
-    """A FIFO of selected rows (``input_ids``, ``labels``, ``example_ids``, their ``loss``, ...), kept on device."""
+    """A FIFO of selected rows (``input_ids``, ``labels``, ``example_ids``), kept on device."""
 
     def __init__(self) -> None:
         self.rows: dict[str, torch.Tensor] = {}
@@ -101,8 +101,8 @@ class SelectedRows:
         return len(self.rows["example_ids"]) if self.rows else 0
 
     def add(self, rows: dict[str, torch.Tensor], index: torch.Tensor) -> None:
-        """Append ``rows[key][index]`` for every key."""
-        chosen = {key: value[index] for key, value in rows.items()}
+        """Append ``rows[key][index]`` for the keys training uses."""
+        chosen = {key: rows[key][index] for key in TRAINED_KEYS}
         self.rows = {key: torch.cat([self.rows[key], value]) for key, value in chosen.items()} if self.rows else chosen
 
     def take(self, count: int) -> dict[str, torch.Tensor]:
@@ -126,13 +126,17 @@ class BatchSelection(Callback):
 
     Logs once per optimizer update, over the candidates scored during it: ``method/selection_rate``
     (rows selected / rows scored), ``method/scored_loss`` and ``method/selected_loss`` (mean
-    per-example loss at scoring time), and ``method/candidate_epoch``.
+    per-example loss at scoring time), and ``method/candidate_epoch``. Subclasses log the mean of
+    more per-row scores over the selected rows by extending :attr:`SELECTED_MEANS`.
 
     Args:
         charge_scoring: charge each scoring pass as forward-only reference time; False is NTNG's
             "free" ablation (selection then costs wall time but no budget).
         seed: seed of the candidate order and of any random selection; ``None`` uses the run's.
     """
+
+    # Per-row score -> the tag logging its mean over the rows selected in an update.
+    SELECTED_MEANS = {"loss": "method/selected_loss"}
 
     def __init__(self, charge_scoring: bool = True, seed: int | None = None) -> None:
         self.charge_scoring, self.seed = charge_scoring, seed
@@ -144,9 +148,8 @@ class BatchSelection(Callback):
         self._saved_ranks: list[dict[str, Any]] | None = None  # restored before setup, applied there
         self._update = self._new_update()
 
-    @staticmethod
-    def _new_update() -> dict[str, Any]:
-        return {"scored": 0, "selected": 0, "scored_loss": 0.0, "selected_loss": 0.0}
+    def _new_update(self) -> dict[str, Any]:
+        return {"scored": 0, "selected": 0, "scored_loss": 0.0, "selected_sums": dict.fromkeys(self.SELECTED_MEANS, 0.0)}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -166,8 +169,7 @@ class BatchSelection(Callback):
             data, data.hparams.micro_batch_size, self.seed, trainer.global_rank, trainer.world_size
         )
         self._candidate_shape = torch.Size([self.stream.batch_size, data.seq_len])
-        if self._saved_ranks is not None:
-            self._restore()
+        self._restore()
 
     # -- the swap ---------------------------------------------------------------------------------
 
@@ -191,14 +193,14 @@ class BatchSelection(Callback):
         """
         raise NotImplementedError
 
-    def score(self, pl_module: LightningModule, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
-        """Read the next candidate batch, move it to ``device`` and add each row's ``loss``.
+    def score(self, pl_module: LightningModule) -> tuple[dict[str, torch.Tensor], int]:
+        """Read the next candidate batch, move it to the module's device and add each row's ``loss``.
 
         Returns:
             The rows (``input_ids``, ``labels``, ``example_ids``, ``loss``) and their masking epoch.
         """
         cpu, epoch = self.stream.next()
-        rows = {key: cpu[key].to(device, non_blocking=True) for key in TRAINED_KEYS}
+        rows = {key: cpu[key].to(pl_module.device, non_blocking=True) for key in TRAINED_KEYS}
         rows["loss"] = pl_module.per_example_losses(rows, charge=False).float()
         self.batches_scored += 1
         self._unpaid_batches += 1
@@ -212,7 +214,9 @@ class BatchSelection(Callback):
         index = index.to(rows["loss"].device)
         self.buffer.add(rows, index)
         self._update["selected"] += len(index)
-        self._update["selected_loss"] = self._update["selected_loss"] + rows["loss"][index].sum()
+        sums = self._update["selected_sums"]
+        for key in sums:
+            sums[key] = sums[key] + rows[key][index].sum()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Scoring is paid per update, before the module sets the LR from budget progress. Under DDP
@@ -222,7 +226,7 @@ class BatchSelection(Callback):
         batches, self._unpaid_batches = self._unpaid_batches, 0
         if not self.charge_scoring:
             return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_process():
             count = torch.tensor(batches, device=pl_module.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             batches = int(count)
@@ -240,7 +244,8 @@ class BatchSelection(Callback):
             pl_module.log("method/selection_rate", update["selected"] / update["scored"])
             pl_module.log("method/scored_loss", float(update["scored_loss"]) / update["scored"])
         if update["selected"]:
-            pl_module.log("method/selected_loss", float(update["selected_loss"]) / update["selected"])
+            for key, tag in self.SELECTED_MEANS.items():
+                pl_module.log(tag, float(update["selected_sums"][key]) / update["selected"])
         pl_module.log("method/candidate_epoch", float(self.stream.epoch))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -267,7 +272,7 @@ class BatchSelection(Callback):
         if self.stream is None:  # saved before training started
             return {"ranks": self._saved_ranks}
         state = self.rank_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_process():
             states: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(states, state)
             return {"ranks": states}

@@ -153,7 +153,7 @@ class SelectiveBackprop(BatchSelection):
 
     def fill(self, trainer: Trainer, pl_module: LightningModule, rows: int, micro_step: int) -> None:
         while len(self.buffer) < rows:
-            candidates, _ = self.score(pl_module, pl_module.device)
+            candidates, _ = self.score(pl_module)
             losses = candidates["loss"]
             generator = step_generator(self.seed, self.batches_scored, trainer.global_rank)
             if self.variant == "fixed_fraction":

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from app.errors import ConfigurationError
 from app.plan import PlanSettings, UpdateCost, plan_baseline, register_planner
+from callbacks.sampling import multi_process
 
 DEFAULT_EVERY_N_STEPS = 10  # k: Sophia's hess_interval, NTNG's hess_update_frequency
 DEFAULT_HESSIAN_MICRO_BATCHES = 6  # NTNG BERT: 768 sequences = 6 x 128
@@ -65,7 +66,7 @@ def refresh_hessian(
             for batch in batches:
                 tokens += module.hessian_pass(batch, charge)
         grads = [p.grad for p in params if p.grad is not None]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_process():
             device = grads[0].device if grads else params[0].device
             total = torch.tensor(float(tokens), device=device, dtype=torch.float64)
             dist.all_reduce(total)

@@ -155,8 +155,8 @@ def fit(tmp_path, data, selection, steps=4, accumulate=2, ckpt_path=None, profil
 class SelectionLog:
     """Mixin for tests: remembers every candidate batch scored and every row selected."""
 
-    def score(self, pl_module, device):
-        rows, epoch = super().score(pl_module, device)
+    def score(self, pl_module):
+        rows, epoch = super().score(pl_module)
         self.scored_ids = getattr(self, "scored_ids", []) + rows["example_ids"].tolist()
         return rows, epoch
 
