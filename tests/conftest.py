@@ -48,6 +48,23 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def tiny_fit_args(sample_corpus: Path, budget_hours: float, *overlays: str) -> list[str]:
+    """``ntng fit`` arguments: the tiny recipe (plus ``configs/methods/<overlay>.yaml``) trained quietly
+    on ``sample_corpus`` for ``budget_hours`` of the tiny-cpu reference, one validation batch."""
+    configs = [arg for name in ("bert/tiny", *(f"methods/{o}" for o in overlays))
+               for arg in ("-c", str(REPO_ROOT / "configs" / f"{name}.yaml"))]
+    return [
+        "fit", *configs,
+        f"--data.init_args.sources=[{sample_corpus}]",
+        "--data.init_args.tokenizer_vocab_size=500",
+        "--data.init_args.val_size=16",
+        f"--budget.budget={budget_hours}",
+        "--budget.allow_profile_mismatch=true",  # the profile was measured with the full sample corpus
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
 def mlm_batch(vocab_size: int = 100, batch: int = 4, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random MLM batch with ~25 % of positions carrying labels (never none)."""
     generator = torch.Generator().manual_seed(seed)

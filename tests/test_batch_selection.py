@@ -27,7 +27,7 @@ from callbacks.selective_backprop import (
     sample_kept,
 )
 from datamodules.pretraining import PretrainingDataModule
-from tests.conftest import REPO_ROOT, TINY_CONFIG, run_cli, write_profile
+from tests.conftest import REPO_ROOT, TINY_CONFIG, run_cli, tiny_fit_args, write_profile
 
 MICRO, SEQ = 8, 32
 
@@ -416,14 +416,7 @@ def test_selective_backprop_overlay_trains_and_logs(tmp_path, monkeypatch, sampl
 
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(
-        [
-            "fit", "-c", str(REPO_ROOT / "configs" / "bert" / "tiny.yaml"),
-            "-c", str(REPO_ROOT / "configs" / "methods" / "selective_backprop.yaml"),
-            f"--data.init_args.sources=[{sample_corpus}]", "--data.init_args.tokenizer_vocab_size=500",
-            "--data.init_args.val_size=16", "--budget.budget=0.00003", "--budget.allow_profile_mismatch=true",
-            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
-        ],
-        capsys,
+        tiny_fit_args(sample_corpus, 0.00003, "selective_backprop") + ["--trainer.log_every_n_steps=1"], capsys
     )
     assert code == 0, err
     run_dir = tmp_path / "runs" / "bert-tiny" / "version_0"

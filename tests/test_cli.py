@@ -12,7 +12,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from app.cost_models import RSTProfile
 from app.plan import PlanSettings, plan
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, tiny_fit_args
 
 RECIPES = sorted(
     p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "rst" not in p.parts and "methods" not in p.parts
@@ -37,20 +37,9 @@ def test_every_method_overlay_parses_on_the_tiny_recipe(overlay, capsys):
 
 def test_tiny_recipe_trains_end_to_end(tmp_path, monkeypatch, sample_corpus, capsys):
     monkeypatch.chdir(tmp_path)
-    recipe = REPO_ROOT / "configs" / "bert" / "tiny.yaml"
     code, _, err = run_cli(
-        [
-            "fit", "-c", str(recipe),
-            f"--data.init_args.sources=[{sample_corpus}]",
-            "--data.init_args.tokenizer_vocab_size=500",
-            "--data.init_args.val_size=16",
-            "--budget.budget=0.00003",  # 0.108 s of the tiny-cpu reference
-            "--budget.allow_profile_mismatch=true",  # the profile was measured with the full sample corpus
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.log_every_n_steps=1",
-            "--throughput.log_every_n_steps=2",
-        ],
+        # 0.00003 RST h = 0.108 s of the tiny-cpu reference
+        tiny_fit_args(sample_corpus, 0.00003) + ["--trainer.log_every_n_steps=1", "--throughput.log_every_n_steps=2"],
         capsys,
     )
     assert code == 0, err

@@ -24,6 +24,7 @@ from tests.conftest import (
     fit_tiny,
     mlm_batch,
     run_cli,
+    tiny_fit_args,
     tiny_masked_lm,
     write_profile,
 )
@@ -188,20 +189,7 @@ def test_two_process_ddp_refresh_averages_the_estimate(tmp_path):
 
 def test_lion_overlay_trains(tmp_path, monkeypatch, sample_corpus, capsys):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(
-        [
-            "fit", "-c", str(REPO_ROOT / "configs" / "bert" / "tiny.yaml"),
-            "-c", str(REPO_ROOT / "configs" / "methods" / "lion.yaml"),
-            f"--data.init_args.sources=[{sample_corpus}]",
-            "--data.init_args.tokenizer_vocab_size=500",
-            "--data.init_args.val_size=16",
-            "--budget.budget=0.00002",
-            "--budget.allow_profile_mismatch=true",
-            "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(tiny_fit_args(sample_corpus, 0.00002, "lion"), capsys)
     assert code == 0, err
     run_dir = tmp_path / "runs" / "bert-tiny" / "version_0"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
