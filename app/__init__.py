@@ -1,1 +1,3 @@
-"""ntng application core: LightningModules, model building, the layer adapter, the CLI."""
+"""The ntng application: the ``ntng`` command (``cli``), recipes (``recipe``), LightningModules
+(``modules``), model building (``model``), budget accounting (``accounting``), downstream scoring
+and reports (``evaluation``), the commands that train nothing (``commands``), and ``errors``."""

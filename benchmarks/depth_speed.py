@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from app.calibrate import calibrate_module
-from app.pretraining import MaskedLanguageModel
+from app.commands.calibrate import calibrate_module
+from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.layer_drop import keep_probabilities, keep_ratio, sample_active_layers
 from callbacks.random_path import resolve_schedule, sample_path
 from callbacks.sampling import step_generator
 from callbacks.stacking import GrowthSchedule
-from datamodules.pretraining import PretrainingDataModule
+from datamodules.pretraining.datamodule import PretrainingDataModule
 
 
 def scenarios(num_layers: int, steps: int) -> dict[str, list[list[int]]]:

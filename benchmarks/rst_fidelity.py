@@ -17,8 +17,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from app.calibrate import main as calibrate
-from app.cli import build_cli
+from app.commands.calibrate import main as calibrate
+from app.recipe import build_recipe
 
 
 class StepTimer(Callback):
@@ -44,11 +44,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         profile = Path(workdir) / "profile.yaml"
         calibrate(["-c", args.recipe, "--output", str(profile), "--repeats", str(args.repeats)])
-        cli = build_cli(
-            ["-c", args.recipe, f"--budget.budget={args.budget_hours}", f"--budget.profile={profile}",
+        cli = build_recipe(
+            [args.recipe], [f"--budget.budget={args.budget_hours}", f"--budget.profile={profile}",
              f"--trainer.default_root_dir={workdir}", "--trainer.logger=false",
              "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"],
-            run=False,
         )
         timer = StepTimer()
         cli.trainer.callbacks.append(timer)

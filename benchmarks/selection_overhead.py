@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from app.irreducible_losses import IrreducibleLosses
-from app.pretraining import MaskedLanguageModel
+from callbacks.irreducible_losses import IrreducibleLosses
+from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.rho_loss import RhoLoss
 from callbacks.selective_backprop import SelectiveBackprop
-from datamodules.pretraining import PretrainingDataModule
+from datamodules.pretraining.datamodule import PretrainingDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,

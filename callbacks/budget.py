@@ -20,8 +20,8 @@ from typing import Any, Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from app.clock import Budget, BudgetUnit, ReferenceClock, analytic_flops_model, budget_spent
-from app.cost_models import RSTProfile
+from app.accounting.clock import Budget, BudgetUnit, ReferenceClock, analytic_flops_model, budget_spent
+from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
 
 # Lightning validates when (batch index + 1) % val_check_batch == 0; "never" without an inf, which

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from app.errors import ConfigurationError
-from app.plan import PlanSettings, UpdateCost, register_planner
+from app.accounting.planning import PlanSettings, UpdateCost, register_planner
 from callbacks.sampling import common_depth, micro_step, require_unused_parameter_support, run_seed, step_generator
 
 DEFAULT_THETA_BAR = 0.5

@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from app.errors import ConfigurationError
-from app.plan import PlanSettings, UpdateCost, register_planner
+from app.accounting.planning import PlanSettings, UpdateCost, register_planner
 from callbacks.sampling import common_depth, micro_step, require_unused_parameter_support, run_seed, step_generator
 
 Sampling = Literal["subset", "bernoulli"]

@@ -1,6 +1,6 @@
 """RHO-loss (Mindermann et al. 2022) as NTNG ran it: pure selection math + a callback + a planner.
 
-The irreducible-loss file and ``ntng il-losses`` live in ``app.irreducible_losses``; the mechanics
+The irreducible-loss file and ``ntng il-losses`` live in ``app.commands.il_losses``; the mechanics
 shared with selective backprop (candidate stream, scoring, in-place batch swap) in
 ``callbacks.selection``.
 """
@@ -17,8 +17,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from app.errors import ConfigurationError
-from app.irreducible_losses import IrreducibleLosses, describe_uncharged
-from app.plan import PlanSettings, UpdateCost, plan_baseline, register_planner
+from callbacks.irreducible_losses import IrreducibleLosses, describe_uncharged
+from app.accounting.planning import PlanSettings, UpdateCost, plan_baseline, register_planner
 from callbacks.selection import BatchSelection
 
 DEFAULT_MEGA_BATCH_FACTOR = 2.0  # NTNG: mega-batch 3072 = 2 x 1536 (its config default and "free" run: 10)

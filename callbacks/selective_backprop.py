@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from app.errors import ConfigurationError
-from app.plan import PlanSettings, UpdateCost, plan_baseline, register_planner
+from app.accounting.planning import PlanSettings, UpdateCost, plan_baseline, register_planner
 from callbacks.sampling import step_generator
 from callbacks.selection import BatchSelection
 

@@ -3,7 +3,7 @@
 Functional core: :func:`refresh_hessian` (accumulate the GNB gradient over a Hessian batch,
 all-reduce it across ranks, fold it into the optimizer's EMA), usable without a Trainer.
 :class:`SophiaHessian` is the thin callback that decides when and on which micro-batches.
-The optimizers themselves live in ``app.optimizers`` (SophiaG) and ``pytorch_optimizer`` (Lion).
+The optimizers themselves live in ``app.model.optimizers`` (SophiaG) and ``pytorch_optimizer`` (Lion).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from app.errors import ConfigurationError
-from app.plan import PlanSettings, UpdateCost, plan_baseline, register_planner
+from app.accounting.planning import PlanSettings, UpdateCost, plan_baseline, register_planner
 from callbacks.sampling import multi_process
 
 DEFAULT_EVERY_N_STEPS = 10  # k: Sophia's hess_interval, NTNG's hess_update_frequency
@@ -47,7 +47,7 @@ def refresh_hessian(
 
     Args:
         module: has ``hessian_pass(batch, charge) -> int`` (``MaskedLanguageModel``).
-        optimizer: has ``update_hessian()`` and per-group ``bs`` (``app.optimizers.SophiaG``).
+        optimizer: has ``update_hessian()`` and per-group ``bs`` (``app.model.optimizers.SophiaG``).
         batches: the Hessian batch's micro-batches on this rank.
         charge: pay each pass on the module's clock (False: NTNG's "free Hessian" ablation).
         clip_norm: clip ``g_hat`` to this global norm before squaring (Sophia's script, NTNG T5: 1.0).
@@ -92,7 +92,7 @@ class SophiaHessian(Callback):
 
     Paper: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for
     Language Model Pre-training", 2023, arXiv 2305.14342 (code: github.com/Liuhong99/Sophia). The
-    optimizer (``app.optimizers.SophiaG``) takes a clipped, preconditioned sign step
+    optimizer (``app.model.optimizers.SophiaG``) takes a clipped, preconditioned sign step
     ``lr * sign(m) * min(|m| / (rho * bs * h + eps), 1)``; this callback keeps ``h`` up to date with
     the GNB estimate ``B * g_hat**2``, where ``g_hat`` is the gradient of the mean cross-entropy on
     labels *sampled from the model* over a Hessian batch of ``B`` loss tokens.
@@ -180,7 +180,7 @@ class SophiaHessian(Callback):
         for optimizer in trainer.optimizers:
             if not callable(getattr(optimizer, "update_hessian", None)):
                 raise ConfigurationError(
-                    f"SophiaHessian needs an optimizer with update_hessian() (app.optimizers.SophiaG), "
+                    f"SophiaHessian needs an optimizer with update_hessian() (app.model.optimizers.SophiaG), "
                     f"got {type(optimizer).__name__}"
                 )
         if not hasattr(pl_module, "hessian_pass"):

@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from app.clock import budget_spent
+from app.accounting.clock import budget_spent
 from app.errors import ConfigurationError
-from app.layers import LayerAdapter
-from app.plan import PlanSettings, UpdateCost, register_planner
+from app.model.layers import LayerAdapter
+from app.accounting.planning import PlanSettings, UpdateCost, register_planner
 from callbacks.sampling import common_depth, require_unused_parameter_support
 
 Growth = Literal["double", "add"]

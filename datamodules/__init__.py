@@ -1,1 +1,1 @@
-"""LightningDataModules: pretraining corpora, collators, downstream tasks."""
+"""LightningDataModules: pretraining data (``pretraining``) and downstream tasks (``tasks``)."""

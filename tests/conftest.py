@@ -134,7 +134,7 @@ def write_profile(path: Path, fb_seconds: dict[int, float], reference_tokens: in
 
 def tiny_masked_lm(layers: int = 2, module_class=None, **kwargs):
     """A seeded tiny ``MaskedLanguageModel`` on ``TINY_CONFIG`` (vocab 100, seq 16; AdamW 1e-3 unless given)."""
-    from app.pretraining import MaskedLanguageModel
+    from app.modules.masked_lm import MaskedLanguageModel
 
     torch.manual_seed(0)
     kwargs.setdefault("optimizer", lambda params: torch.optim.AdamW(params, lr=1e-3))

@@ -10,11 +10,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from app.cost_models import RSTProfile
+from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.irreducible_losses import IrreducibleLosses
-from app.plan import PlanSettings, plan
-from app.pretraining import MaskedLanguageModel
+from callbacks.irreducible_losses import IrreducibleLosses
+from app.accounting.planning import PlanSettings, plan
+from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.rho_loss import RhoLoss, top_k_rows
 from callbacks.selection import CandidateStream
@@ -26,7 +26,7 @@ from callbacks.selective_backprop import (
     loss_percentiles,
     sample_kept,
 )
-from datamodules.pretraining import PretrainingDataModule
+from datamodules.pretraining.datamodule import PretrainingDataModule
 from tests.conftest import REPO_ROOT, TINY_CONFIG, run_cli, tiny_fit_args, write_profile
 
 MICRO, SEQ = 8, 32
@@ -103,7 +103,7 @@ def test_candidate_stream_shards_disjointly_and_resumes(tmp_path):
 def selection_data(tmp_path, documents: int = 120, **kwargs) -> PretrainingDataModule:
     """Random-word documents with a fixed word vocabulary: the same blocks on every machine (a trained
     WordPiece tokenizer is not bit-reproducible, and the DDP test depends on exact block counts)."""
-    from datamodules.tokenizer import SPECIAL_TOKENS
+    from datamodules.pretraining.tokenizer import SPECIAL_TOKENS
     from tests.test_datamodule import WORDS, write_corpus
 
     corpus, vocab = tmp_path / "corpus.txt", tmp_path / "vocab.txt"
@@ -290,9 +290,9 @@ def test_il_losses_command_uses_the_training_runs_masks(tmp_path, monkeypatch, c
                             vocab=data.vocab_size, seq_len=SEQ)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        "model:\n  class_path: app.pretraining.MaskedLanguageModel\n"
+        "model:\n  class_path: app.modules.masked_lm.MaskedLanguageModel\n"
         f"  init_args: {{config: {TINY_CONFIG}}}\n"
-        "data:\n  class_path: datamodules.pretraining.PretrainingDataModule\n"
+        "data:\n  class_path: datamodules.pretraining.datamodule.PretrainingDataModule\n"
         f"  init_args: {{sources: ['{tmp_path / 'corpus.txt'}'], tokenizer: '{tmp_path / 'vocab.txt'}', seq_len: {SEQ}, "
         f"micro_batch_size: {MICRO}, val_size: 8, holdout_fraction: 0.2, cache_dir: '{tmp_path / 'cache'}'}}\n"
     )

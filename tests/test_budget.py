@@ -8,8 +8,8 @@ import pytest
 from lightning.pytorch import Callback
 
 from app.errors import ConfigurationError
-from app.pretraining import MaskedLanguageModel
-from app.schedules import OneCycleTriangle
+from app.modules.masked_lm import MaskedLanguageModel
+from app.model.schedules import OneCycleTriangle
 from callbacks.budget import ReferenceTimeBudget
 from tests.conftest import fit_tiny, tiny_masked_lm, write_profile
 

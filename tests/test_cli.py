@@ -10,8 +10,8 @@ import torch
 import yaml
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from app.cost_models import RSTProfile
-from app.plan import PlanSettings, plan
+from app.accounting.cost_models import RSTProfile
+from app.accounting.planning import PlanSettings, plan
 from tests.conftest import REPO_ROOT, run_cli, tiny_fit_args
 
 RECIPES = sorted(

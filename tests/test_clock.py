@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from app.clock import Budget, ReferenceClock, budget_spent
-from app.cost_models import AnalyticFlops, RSTProfile, fit_linear
+from app.accounting.clock import Budget, ReferenceClock, budget_spent
+from app.accounting.cost_models import AnalyticFlops, RSTProfile, fit_linear
 from app.errors import ConfigurationError
-from app.plan import PlanSettings, plan
+from app.accounting.planning import PlanSettings, plan
 from tests.conftest import REPO_ROOT, write_profile
 
 PROFILES = REPO_ROOT / "configs" / "rst"

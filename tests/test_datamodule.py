@@ -15,13 +15,13 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-import datamodules.blocks as blocks_module
-import datamodules.tokenizer as tokenizer_module
+import datamodules.pretraining.blocks as blocks_module
+import datamodules.pretraining.tokenizer as tokenizer_module
 from app.errors import ConfigurationError
-from datamodules.corpus import iter_documents, resolve_sources
-from datamodules.masking import mask_tokens
-from datamodules.pretraining import PretrainingDataModule, split_example_ids
-from datamodules.tokenizer import load_tokenizer
+from datamodules.pretraining.corpus import iter_documents, resolve_sources
+from datamodules.pretraining.mlm_masking import mask_tokens
+from datamodules.pretraining.datamodule import PretrainingDataModule, split_example_ids
+from datamodules.pretraining.tokenizer import load_tokenizer
 
 WORDS = (
     "the a of and to in is was he she it that for on with as his her they at by this had not but from "

@@ -1,4 +1,4 @@
-"""Scoring, aggregation and report files of ``app.evaluation``, against hand-computed values."""
+"""Scoring, aggregation and report files of ``app.evaluation.metrics``, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from app import evaluation as ev
-from datamodules.tasks import Example, TaskSpec
+from app.evaluation import metrics as ev
+from app.evaluation import reports
+from datamodules.tasks.spec import Example, TaskSpec
 
 
 def spec(name, suite="glue", kind="classification", labels=("0", "1"), metrics=("accuracy",), **kw):
@@ -184,7 +185,7 @@ def test_summarize_averages_per_seed():
 def test_results_json_round_trip_with_nan(tmp_path):
     runs = {"stsb": {0: [{"pearson": math.nan, "spearman": 0.5}]}, "rte": {0: [{"accuracy": 0.6}]}}
     results = ev.summarize(runs, "glue")
-    path = ev.write_results(tmp_path, "glue", results, {"qqp": "data not found"}, {"lr": 4e-5})
+    path = reports.write_results(tmp_path, "glue", results, {"qqp": "data not found"}, {"lr": 4e-5})
     assert path == tmp_path / "results.json"
     data = json.loads(path.read_text())
     assert data["suite"] == "glue"
@@ -194,15 +195,15 @@ def test_results_json_round_trip_with_nan(tmp_path):
     assert "qqp/f1" in data["averages"]["ntng_glue"]["missing"]
     assert data["skipped"] == {"qqp": "data not found"} and data["settings"] == {"lr": 4e-5}
     with pytest.raises(ValueError):
-        ev.write_results(tmp_path, "glue", ev.summarize(runs), {}, {})  # no averages
+        reports.write_results(tmp_path, "glue", ev.summarize(runs), {}, {})  # no averages
 
 
 def test_markdown_table():
     runs = {key: {s: [{m: v for m, v in metrics.items()}] for s in (0, 1, 2)}
             for key, metrics in GLUE.items() if key != "qqp"}
     runs["rte"] = {s: [{"accuracy": 0.6 + 0.01 * s}] for s in (0, 1, 2)}
-    document = ev.results_document("glue", ev.summarize(runs, "glue"), {"qqp": "data not found"}, {})
-    table = ev.markdown_table(document, document["skipped"])
+    document = reports.results_document("glue", ev.summarize(runs, "glue"), {"qqp": "data not found"}, {})
+    table = reports.markdown_table(document, document["skipped"])
     assert "| rte | accuracy | 61.0 ± 1.0 | 61.0 ± 1.0 |" in table
     assert "| mrpc | f1 / accuracy | 85.0 ± 0.0 / 80.0 ± 0.0 |" in table
     assert "**ntng_glue**" in table and "**glue_score**" in table
@@ -212,23 +213,23 @@ def test_markdown_table():
 
 def test_write_predictions(tmp_path):
     stsb = spec("stsb", kind="regression", labels=(), metrics=("pearson",))
-    rows = read_jsonl(ev.write_predictions(tmp_path / "stsb.jsonl", stsb, labelled([3.5, 1.0]), [3.25, 0.5]))
+    rows = read_jsonl(reports.write_predictions(tmp_path / "stsb.jsonl", stsb, labelled([3.5, 1.0]), [3.25, 0.5]))
     assert rows == [{"idx": 0, "label": 3.5, "prediction": 3.25}, {"idx": 1, "label": 1.0, "prediction": 0.5}]
     record = spec("record", suite="superglue", kind="multiple_choice", labels=(), metrics=("f1",))
     example = Example(idx=7, candidates=(("a",), ("b",)), label=1, answers=("Rome",),
                       candidate_texts=("Paris", "Rome"))
-    rows = read_jsonl(ev.write_predictions(tmp_path / "record.jsonl", record, [example], [0]))
+    rows = read_jsonl(reports.write_predictions(tmp_path / "record.jsonl", record, [example], [0]))
     assert rows == [{"idx": 7, "label": 1, "prediction": 0, "prediction_text": "Paris"}]
 
 
 def test_glue_submission_classification_and_stsb(tmp_path):
     rte = spec("rte", labels=("entailment", "not_entailment"), submission_name="RTE.tsv")
     test = [Example(idx=i, segments=("a", "b")) for i in range(3)]
-    path = ev.write_submission(tmp_path, rte, "test", test, [1, 0, 1])
+    path = reports.write_submission(tmp_path, rte, "test", test, [1, 0, 1])
     assert path.name == "RTE.tsv"
     assert path.read_text() == "index\tprediction\n0\tnot_entailment\n1\tentailment\n2\tnot_entailment\n"
     stsb = spec("stsb", kind="regression", labels=(), metrics=("pearson",), submission_name="STS-B.tsv")
-    text = ev.write_submission(tmp_path, stsb, "test", test, [5.7, -0.2, 2.5]).read_text()
+    text = reports.write_submission(tmp_path, stsb, "test", test, [5.7, -0.2, 2.5]).read_text()
     assert text.splitlines()[1:] == ["0\t5.0", "1\t0.0", "2\t2.5"]
 
 
@@ -237,8 +238,8 @@ def test_mnli_submission_names(tmp_path, submission_name):
     mnli = spec("mnli", labels=("entailment", "neutral", "contradiction"), submission_name=submission_name,
                 dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched"))
     test = [Example(idx=0, segments=("a", "b"))]
-    assert ev.write_submission(tmp_path, mnli, "test_matched", test, [2]).name == "MNLI-m.tsv"
-    path = ev.write_submission(tmp_path, mnli, "test_mismatched", test, [1])
+    assert reports.write_submission(tmp_path, mnli, "test_matched", test, [2]).name == "MNLI-m.tsv"
+    path = reports.write_submission(tmp_path, mnli, "test_mismatched", test, [1])
     assert path.name == "MNLI-mm.tsv" and path.read_text().splitlines()[1] == "0\tneutral"
 
 
@@ -246,7 +247,7 @@ def test_multirc_submission_nesting(tmp_path):
     multirc = spec("multirc", suite="superglue", metrics=("f1",), submission_name="MultiRC.jsonl")
     keys = [(0, 0, 0), (0, 0, 1), (0, 1, 2), (1, 2, 3)]
     test = [Example(idx={"paragraph": p, "question": q, "answer": a}, segments=("x",)) for p, q, a in keys]
-    rows = read_jsonl(ev.write_submission(tmp_path, multirc, "test", test, [1, 0, 1, 0]))
+    rows = read_jsonl(reports.write_submission(tmp_path, multirc, "test", test, [1, 0, 1, 0]))
     assert rows == [
         {"idx": 0, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}]},
                                              {"idx": 1, "answers": [{"idx": 2, "label": 1}]}]}},
@@ -263,10 +264,10 @@ def test_superglue_submission_labels(tmp_path):
               ["entailment", "contradiction"]),
              (spec("copa", suite="superglue", kind="multiple_choice", labels=()), [0, 1])]
     for task, expected in cases:
-        rows = read_jsonl(ev.write_submission(tmp_path, task, "test", test, [0, 1]))
+        rows = read_jsonl(reports.write_submission(tmp_path, task, "test", test, [0, 1]))
         assert [row["label"] for row in rows] == expected, task.name
         assert [row["idx"] for row in rows] == [0, 1]
     record = spec("record", suite="superglue", kind="multiple_choice", labels=(), submission_name="ReCoRD.jsonl")
     query = Example(idx=5, candidates=(("a",), ("b",)), candidate_texts=("Paris", "Rome"))
-    path = ev.write_submission(tmp_path, record, "test", [query], [1])
+    path = reports.write_submission(tmp_path, record, "test", [query], [1])
     assert path.name == "ReCoRD.jsonl" and read_jsonl(path) == [{"idx": 5, "label": "Rome"}]

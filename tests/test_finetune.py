@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import datamodules.glue  # noqa: F401  (registers the GLUE tasks)
-import datamodules.superglue  # noqa: F401  (registers the SuperGLUE tasks)
-from app.finetuning import FineTuner, gather_predictions
-from app.pretraining import MaskedLanguageModel
-from datamodules.finetuning import CandidateCollator, TaskDataModule
-from datamodules.tasks import Example, TaskSpec, get_task
-from datamodules.tokenizer import wordpiece_tokenizer
+from app.modules.finetuner import FineTuner, gather_predictions
+from app.modules.masked_lm import MaskedLanguageModel
+from datamodules.tasks.datamodule import CandidateCollator, TaskDataModule
+from datamodules.tasks.registry import get_task
+from datamodules.tasks.spec import Example, TaskSpec
+from datamodules.pretraining.tokenizer import wordpiece_tokenizer
 from tests.conftest import TINY_CONFIG, run_cli
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

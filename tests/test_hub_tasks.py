@@ -10,8 +10,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from datamodules.hub_tasks import HUB_SPLITS, hub_examples, hub_split
-from datamodules.tasks import MissingTaskData, get_task
+from datamodules.tasks.hub import HUB_SPLITS, hub_examples, hub_split
+from datamodules.tasks.registry import get_task
+from datamodules.tasks.spec import MissingTaskData
 from tests.conftest import run_cli
 from tests.test_finetune import MAX_LENGTH, SENTENCES, checkpoint  # noqa: F401  (the tiny-checkpoint fixture)
 from tests.test_tasks import SUPERGLUE_FIXTURES, write

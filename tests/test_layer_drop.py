@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 
-from app.clock import budget_spent
-from app.cost_models import RSTProfile
+from app.accounting.clock import budget_spent
+from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.plan import PlanSettings, plan
-from app.plan import main as plan_main
-from app.pretraining import MaskedLanguageModel
+from app.accounting.planning import PlanSettings, plan
+from app.commands.plan import main as plan_main
+from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.layer_drop import (
     ProgressiveLayerDrop,

@@ -1,4 +1,4 @@
-"""Tests for app.layers.LayerAdapter on tiny BERT, RoBERTa-PreLN and T5 models built from configs."""
+"""Tests for app.model.layers.LayerAdapter on tiny BERT, RoBERTa-PreLN and T5 models built from configs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from app.layers import LayerAdapter
+from app.model.layers import LayerAdapter
 
 VOCAB = 100
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pytorch_optimizer import Lion
 
-from app.optimizers import AdamWScale, RMSScaledLion, SophiaG
+from app.model.optimizers import AdamWScale, RMSScaledLion, SophiaG
 
 
 def _param(*values: float) -> torch.nn.Parameter:
@@ -21,7 +21,7 @@ def _set_grad(param: torch.Tensor, *values: float) -> None:
 
 
 def _two_groups(params: list[torch.Tensor], split: int = 1) -> list[dict]:
-    # The layout of app.optim.weight_decay_groups: the second group overrides weight_decay.
+    # The layout of app.model.param_groups.weight_decay_groups: the second group overrides weight_decay.
     return [{"params": params[:split]}, {"params": params[split:], "weight_decay": 0.0}]
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from app.backbones import masked_lm_logits
+from app.model.backbones import masked_lm_logits
 from app.errors import ConfigurationError
-from app.optim import weight_decay_groups
-from app.pretraining import MaskedLanguageModel
-from app.schedules import (
+from app.model.param_groups import weight_decay_groups
+from app.modules.masked_lm import MaskedLanguageModel
+from app.model.schedules import (
     OneCycleTriangle,
     WarmupCosine,
     WarmupLinear,
@@ -136,7 +136,7 @@ def test_lr_adjustments_multiply_the_schedule():
 
 
 def test_updated_fraction_counts_parameters_with_gradients():
-    from app.pretraining import _updated_fraction
+    from app.modules.masked_lm import _updated_fraction
 
     model = tiny_model()
     optimizer = model.configure_optimizers()

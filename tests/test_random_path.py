@@ -11,11 +11,11 @@ import pytest
 from lightning.pytorch import Callback
 from transformers import T5Config, T5ForConditionalGeneration
 
-from app.cost_models import RSTProfile
+from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.layers import LayerAdapter
-from app.plan import PlanSettings, plan
-from app.pretraining import MaskedLanguageModel
+from app.model.layers import LayerAdapter
+from app.accounting.planning import PlanSettings, plan
+from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.random_path import (
     RandomPathTraining,
@@ -315,7 +315,7 @@ def test_bernoulli_planner_prices_the_expected_path_length():
 
 
 def test_planner_options_on_the_command_line(capsys):
-    from app.plan import main
+    from app.commands.plan import main
 
     main(["--profile", str(RTX3090), "--budget-hours", "1", "--batch-size", "1536", "--micro-batch-size", "128",
           "--method", "raptr", "--raptr-path-lengths", "8,16", "--raptr-stage-fractions", "0,0.5", "--format", "json"])

@@ -11,11 +11,11 @@ import torch.distributed as dist
 import yaml
 from lightning.pytorch import Callback, Trainer
 
-from app.cost_models import RSTProfile
+from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.optimizers import SophiaG
-from app.plan import PlanSettings, plan
-from app.pretraining import MaskedLanguageModel
+from app.model.optimizers import SophiaG
+from app.accounting.planning import PlanSettings, plan
+from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.sophia import SophiaHessian, refresh_hessian
 from tests.conftest import (

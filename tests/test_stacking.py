@@ -11,13 +11,13 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from transformers import AutoModelForMaskedLM, T5Config, T5ForConditionalGeneration
 
-from app.clock import budget_spent
-from app.cost_models import RSTProfile
+from app.accounting.clock import budget_spent
+from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.layers import LayerAdapter
-from app.plan import PLANNERS, PlanSettings, plan
-from app.pretraining import MaskedLanguageModel
-from app.schedules import OneCycleTriangle
+from app.model.layers import LayerAdapter
+from app.accounting.planning import PLANNERS, PlanSettings, plan
+from app.modules.masked_lm import MaskedLanguageModel
+from app.model.schedules import OneCycleTriangle
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.stacking import (
     REWARM_KEY,

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import datamodules.glue  # noqa: F401  (registers the GLUE tasks)
-import datamodules.superglue  # noqa: F401  (registers the SuperGLUE tasks)
 from app.errors import ConfigurationError
-from datamodules.tasks import (
-    Example,
-    MissingTaskData,
-    get_task,
-    report_name,
-    suite_tasks,
-)
+from datamodules.tasks.registry import get_task, suite_tasks
+from datamodules.tasks.spec import Example, MissingTaskData, report_name
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BOM = "\ufeff"

@@ -11,7 +11,7 @@ pretrained weights (NTNG). The task head is a function of the task's kind and th
 
 This is the seam for T5: a ``text_to_text`` head would build ``AutoModelForSeq2SeqLM``, train on
 verbalized label targets (from the matching ``text_to_text`` input format in
-``datamodules.finetuning``) and predict by scoring or generating the label strings, mapped back to
+``datamodules.tasks.datamodule``) and predict by scoring or generating the label strings, mapped back to
 the same class ids / floats / candidate indices, so scoring and reporting stay unchanged. Until it
 exists, ``head_for`` refuses encoder-decoder configs with a ``ConfigurationError``.
 
@@ -41,7 +41,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from app.errors import ConfigurationError
-from datamodules.tasks import Example, TaskSpec, report_name
+from datamodules.tasks.spec import Example, TaskSpec, report_name
 
 # Fine-tuning learning rates of NTNG's suites (cramming's GLUE_sane and NTNG's SuperGLUE config).
 SUITE_LEARNING_RATES = {"glue": 4e-5, "superglue": 5e-5}
@@ -113,7 +113,7 @@ class FineTuner(LightningModule):
         warmup_fraction: share of the run's optimizer steps spent warming up linearly.
 
     Attributes:
-        history: report key -> per-epoch metric dicts (from ``app.evaluation.score``).
+        history: report key -> per-epoch metric dicts (from ``app.evaluation.metrics.score``).
         last_predictions: report key -> predictions of the latest validation epoch, aligned with
             the data module's ``eval_examples``.
     """
@@ -201,7 +201,7 @@ class FineTuner(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        from app.evaluation import score
+        from app.evaluation.metrics import score
 
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_examples"):

@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 
 from app.errors import ConfigurationError
-from datamodules.tasks import Example, MissingTaskData, TaskSpec, register_task
+from datamodules.tasks.spec import Example, MissingTaskData, TaskSpec
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 BINARY_NLI_LABELS = ("entailment", "not_entailment")
@@ -128,18 +128,22 @@ def read_split(layout: Layout, label_names: tuple[str, ...], splits: tuple[str, 
     return examples
 
 
+# The GLUE tasks by name, in registration order (diagnostics last).
+TASKS: dict[str, TaskSpec] = {}
+
+
 def _register(name: str, directory: str, label_names: tuple[str, ...], metrics: tuple[str, ...],
               layout: Layout, submission: str, dev_splits: tuple[str, ...] = ("dev",),
               test_splits: tuple[str, ...] = ("test",), parent: str | None = None) -> None:
-    """Register one GLUE task (regression when it has no label names; no train split for diagnostics)."""
+    """Add one GLUE task (regression when it has no label names; no train split for diagnostics)."""
     splits = (*(() if parent else ("train",)), *dev_splits, *test_splits)
-    register_task(TaskSpec(
+    TASKS[name] = TaskSpec(
         name=name, suite="glue", kind="classification" if label_names else "regression",
         label_names=label_names, metrics=metrics, directory=directory,
         reader=partial(read_split, layout, label_names, splits, test_splits),
         dev_splits=dev_splits, test_splits=test_splits, submission_name=submission,
         hub=("glue", name), parent=parent,
-    ))
+    )
 
 
 _PAIR = Layout(text=(("sentence1",), ("sentence2",)))

@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ConfigurationError
-from datamodules import glue
-from datamodules.corpus import read_jsonl
-from datamodules.tasks import Example, MissingTaskData, Reader, TaskSpec, get_task, register_task
+from datamodules.tasks import glue
+from datamodules.pretraining.corpus import read_jsonl
+from datamodules.tasks.spec import Example, MissingTaskData, Reader, TaskSpec
 
 BOOLEAN_LABELS = ("False", "True")
 _COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
@@ -210,30 +210,34 @@ def _read_axb(task_dir: Path, split: str) -> list[Example]:
         return _AXB_JSONL(task_dir, split)
     for directory in (task_dir, task_dir.parent.parent / "glue" / "diagnostic"):
         if (directory / "diagnostic-full.tsv").is_file():
-            full = get_task("glue", "ax").reader(directory, "diagnostic-full")
+            full = glue.TASKS["ax"].reader(directory, "diagnostic-full")
             entailment = glue.NLI_LABELS.index("entailment")  # neutral, contradiction -> not_entailment
             return [Example(idx=example.idx, segments=example.segments,
                             label=None if split == "test" else int(example.label != entailment)) for example in full]
     raise MissingTaskData(task_dir / "AX-b.jsonl")
 
 
-# Per task, its record builder, for readers of the same records from elsewhere (``datamodules.hub_tasks``).
+# Per task, its record builder, for readers of the same records from elsewhere (``datamodules.tasks.hub``).
 BUILDERS: dict[str, Builder] = {}
+
+
+# The SuperGLUE tasks by name, in registration order (diagnostics last).
+TASKS: dict[str, TaskSpec] = {}
 
 
 def _register(name: str, directory: str, kind: str, label_names: tuple[str, ...], metrics: tuple[str, ...],
               build: Builder, reader: Reader | None = None, hub_config: str | None = None,
               parent: str | None = None) -> None:
-    """Register one SuperGLUE task (its submission file is ``<Directory>.jsonl``).
+    """Add one SuperGLUE task (its submission file is ``<Directory>.jsonl``).
 
     ``reader`` defaults to the JSONL files read with ``build`` (a diagnostic's one ``<Directory>.jsonl``).
     """
     BUILDERS[name] = build
-    register_task(TaskSpec(
+    TASKS[name] = TaskSpec(
         name=name, suite="superglue", kind=kind, label_names=label_names, metrics=metrics,
         directory=directory, reader=reader or _jsonl(build, directory if parent else None),
         submission_name=f"{directory}.jsonl", hub=("super_glue", hub_config or name), parent=parent,
-    ))
+    )
 
 
 _CB_LABELS = ("entailment", "contradiction", "neutral")

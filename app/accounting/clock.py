@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, Protocol
 
 from torch import nn
 
-from app.cost_models import AnalyticFlops
+from app.accounting.cost_models import AnalyticFlops
 
 BudgetUnit = Literal["rst_hours", "wall_hours", "tokens", "steps", "flops"]
 BUDGET_UNITS: tuple[str, ...] = ("rst_hours", "wall_hours", "tokens", "steps", "flops")

@@ -1,4 +1,4 @@
-"""Downstream tasks: what an example is, what a task is, and the registry of known tasks.
+"""Downstream tasks: what an example is and what a task is (the known tasks are in ``registry``).
 
 Readers turn a task's files (GLUE TSVs as written by the classic download script, SuperGLUE JSONL)
 into ``Example``s whose text *segments* already contain every field of the task: a model sees at
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from app.errors import ConfigurationError
 
 TaskKind = Literal["classification", "regression", "multiple_choice"]
 
@@ -88,41 +87,8 @@ class TaskSpec:
     parent: str | None = None
 
 
-TASKS: dict[tuple[str, str], TaskSpec] = {}
 # Report keys of multi-split evaluations (NTNG reports MNLI matched and mismatched separately).
 _SPLIT_SUFFIX = {"dev_matched": "m", "dev_mismatched": "mm"}
-
-
-def register_task(spec: TaskSpec) -> TaskSpec:
-    """Add a task to the registry (the suite modules call this at import)."""
-    TASKS[(spec.suite, spec.name)] = spec
-    return spec
-
-
-def _load_suites() -> None:
-    # The suite modules register their tasks when imported; importing here (not at module top,
-    # which they import) keeps lookups complete whoever asks first.
-    import datamodules.glue  # noqa: F401
-    import datamodules.superglue  # noqa: F401
-
-
-def get_task(suite: str, name: str) -> TaskSpec:
-    """Look up a task of a suite by name.
-
-    Raises:
-        ConfigurationError: for an unknown name, listing the suite's known ones.
-    """
-    _load_suites()
-    if (suite, name) not in TASKS:
-        known = ", ".join(spec.name for spec in suite_tasks(suite)) or "none"
-        raise ConfigurationError(f"unknown {suite} task {name!r}; known tasks: {known}")
-    return TASKS[(suite, name)]
-
-
-def suite_tasks(suite: str) -> list[TaskSpec]:
-    """The tasks of a suite in registration order (diagnostics last)."""
-    _load_suites()
-    return [spec for spec in TASKS.values() if spec.suite == suite]
 
 
 def report_name(spec: TaskSpec, split: str) -> str:

@@ -25,7 +25,7 @@ from app.errors import ConfigurationError
 
 PassKind = Literal["forward", "forward_backward"]
 PASS_KINDS: tuple[str, ...] = ("forward", "forward_backward")
-SHIPPED_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_ROOT = Path(__file__).resolve().parents[2]  # the ntng checkout
 SIGNATURE_FIELDS: tuple[str, ...] = ("family", "layers", "hidden", "heads", "ffn", "vocab", "seq_len")
 
 

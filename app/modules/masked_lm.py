@@ -17,12 +17,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from app.backbones import build_masked_lm, masked_lm_logits, max_sequence_length
-from app.clock import ReferenceClock
+from app.model.backbones import build_masked_lm, masked_lm_logits, max_sequence_length
+from app.accounting.clock import ReferenceClock
 from app.errors import ConfigurationError
-from app.layers import LayerAdapter, truncated_model
-from app.optim import weight_decay_groups
-from app.schedules import LRSchedule, OneCycleTriangle
+from app.model.layers import LayerAdapter, truncated_model
+from app.model.param_groups import weight_decay_groups
+from app.model.schedules import LRSchedule, OneCycleTriangle
 
 
 class MaskedLanguageModel(LightningModule):

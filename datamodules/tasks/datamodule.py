@@ -1,6 +1,6 @@
 """``TaskDataModule``: one GLUE/SuperGLUE task's examples, tokenized once, as Lightning loaders.
 
-The task readers (``datamodules.glue``, ``datamodules.superglue``) turn files into ``Example``s; this
+The task readers (``datamodules.tasks.glue``, ``datamodules.tasks.superglue``) turn files into ``Example``s; this
 module turns examples into model inputs. How that happens is an *input format* chosen from the
 task's kind and the model (``input_format``):
 
@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from app.errors import ConfigurationError
-from datamodules.hub_tasks import HUB, hub_examples
-from datamodules.tasks import Example, MissingTaskData, TaskSpec, report_name
+from datamodules.tasks.hub import HUB, hub_examples
+from datamodules.tasks.spec import Example, MissingTaskData, TaskSpec, report_name
 
 Feature = dict[str, Any]
 # Keys of a tokenizer's output that are per-token (and so padded); everything else is per example.
@@ -194,7 +194,7 @@ class TaskDataModule(LightningDataModule):
     Args:
         spec: the task.
         data_dir: the suite's data directory (the task's files are in ``data_dir / spec.directory``), or
-            ``"hub"``: every split from the task's hub dataset (``datamodules.hub_tasks``).
+            ``"hub"``: every split from the task's hub dataset (``datamodules.tasks.hub``).
         tokenizer: the fine-tuned model's tokenizer.
         max_length: the longest encoding in tokens (longer inputs are truncated longest-first).
         batch_size: training batch size; the last incomplete batch is dropped, as NTNG does.

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from app.cost_models import PassCost, RSTProfile, fit_linear
+from app.accounting.cost_models import PassCost, RSTProfile, fit_linear
+from app.recipe import build_recipe
 
 
 def median_seconds(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> float:
@@ -134,10 +135,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args, overrides = parser.parse_known_args(argv)
 
-    from app.cli import build_cli
-
-    cli_args = [arg for path in args.config for arg in ("-c", path)] + overrides
-    cli = build_cli(cli_args, run=False)
+    cli = build_recipe(args.config, overrides)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data.prepare_data()

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
-from datamodules.corpus import looks_like_path
+from datamodules.pretraining.corpus import looks_like_path
 
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]",

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
-from datamodules import corpus
-from datamodules.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
-from datamodules.masking import MASKING_VERSION, MaskingCollate, mask_tokens
-from datamodules.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
+from datamodules.pretraining import corpus
+from datamodules.pretraining.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
+from datamodules.pretraining.mlm_masking import MASKING_VERSION, MaskingCollate, mask_tokens
+from datamodules.pretraining.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
 
 # Bump when the packing or the cache layout changes, so stale caches are never reused.
 FORMAT_VERSION = 1

@@ -17,10 +17,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
-from datamodules import corpus
+from datamodules.pretraining import corpus
 
 if TYPE_CHECKING:
-    from datamodules.pretraining import PretrainingDataModule
+    from datamodules.pretraining.datamodule import PretrainingDataModule
 
 _TOKENIZE_BATCH = 1000
 

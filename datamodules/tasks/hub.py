@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from app.errors import ConfigurationError
-from datamodules import superglue
-from datamodules.tasks import Example, MissingTaskData, TaskSpec
+from datamodules.tasks import superglue
+from datamodules.tasks.spec import Example, MissingTaskData, TaskSpec
 
 HUB = "hub"  # the --data-dir value that reads from the hub
 HUB_SPLITS = {

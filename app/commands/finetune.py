@@ -18,7 +18,7 @@ Outputs under ``--output`` (default ``<model>/finetune-<suite>``)::
 
 A task whose train or dev data is missing is skipped with a printed line and its reason in the
 report. Data are read from the original files (GLUE TSVs, SuperGLUE JSONL), or with ``--data-dir hub``
-from each task's Hugging Face hub dataset (``datamodules.hub_tasks``; a hub that cannot be reached
+from each task's Hugging Face hub dataset (``datamodules.tasks.hub``; a hub that cannot be reached
 skips the task); the reason for a missing file names the task's hub dataset.
 """
 
@@ -39,15 +39,15 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoTokenizer
 
-import datamodules.glue  # noqa: F401  (registers the GLUE tasks)
-import datamodules.superglue  # noqa: F401  (registers the SuperGLUE tasks)
-from app.backbones import MASKED_LM_FAMILIES, max_sequence_length
+from app.model.backbones import MASKED_LM_FAMILIES, max_sequence_length
 from app.errors import ConfigurationError
-from app.evaluation import markdown_table, score, summarize, write_predictions, write_results, write_submission
-from app.finetuning import SUITE_LEARNING_RATES, FineTuner, load_config, predict
-from datamodules.finetuning import TaskDataModule
-from datamodules.hub_tasks import HUB
-from datamodules.tasks import MissingTaskData, TaskSpec, get_task, report_name, suite_tasks
+from app.evaluation.metrics import score, summarize
+from app.evaluation.reports import markdown_table, write_predictions, write_results, write_submission
+from app.modules.finetuner import SUITE_LEARNING_RATES, FineTuner, load_config, predict
+from datamodules.tasks.datamodule import TaskDataModule
+from datamodules.tasks.hub import HUB
+from datamodules.tasks.registry import get_task, suite_tasks
+from datamodules.tasks.spec import MissingTaskData, TaskSpec, report_name
 
 # NTNG's fine-tuning epochs per suite (cramming GLUE_sane: 5; NTNG SuperGLUE: 10).
 SUITE_EPOCHS = {"glue": 5, "superglue": 10}

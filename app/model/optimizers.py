@@ -12,7 +12,7 @@ They are written here because no maintained package has Sophia-G or nanoT5's ``A
   same RMS scaling.
 
 Every class is a plain ``torch.optim.Optimizer`` whose options are all per-group, so LightningCLI
-``class_path``/``init_args`` and the two param groups of ``app.optim.weight_decay_groups`` (the second
+``class_path``/``init_args`` and the two param groups of ``app.model.param_groups.weight_decay_groups`` (the second
 with ``weight_decay=0.0``) work unchanged.
 """
 
