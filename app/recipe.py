@@ -29,14 +29,17 @@ TRAINER_DEFAULTS = {
 class NtngCLI(LightningCLI):
     """LightningCLI with ntng's always-on callbacks and the data -> model links."""
 
+    # Model argument -> the data module attribute it is linked to.
+    model_links = {"vocab_size": "vocab_size", "pad_token_id": "pad_token_id", "seq_len": "seq_len"}
+
     def add_arguments_to_parser(self, parser) -> None:
         # Forced callbacks get their own config keys (they cannot be linked inside trainer.callbacks).
         parser.add_lightning_class_args(ReferenceTimeBudget, "budget")
         parser.add_lightning_class_args(HuggingFaceExport, "export")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         # The tokenizer decides the vocabulary; the model must agree with it, so link, never repeat.
-        for name in ("vocab_size", "pad_token_id", "seq_len"):
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        for name, source in self.model_links.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.{name}", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         # ntng always passes the arguments it was given (the console script's, or a command's own
@@ -44,9 +47,16 @@ class NtngCLI(LightningCLI):
         self.config = parser.parse_args(list(args))
 
 
-def build_cli(args: Sequence[str], run: bool = True) -> NtngCLI:
+class PlanningCLI(NtngCLI):
+    """The same recipe, with the model linked to the vocabulary the tokenizer *will* have, so it is
+    built without reading the corpus or training a tokenizer (``ntng plan``)."""
+
+    model_links = {"vocab_size": "planned_vocab_size", "pad_token_id": "planned_pad_token_id", "seq_len": "seq_len"}
+
+
+def build_cli(args: Sequence[str], run: bool = True, cli_class: type[NtngCLI] = NtngCLI) -> NtngCLI:
     """The LightningCLI with ntng's defaults on ``args``; it runs its subcommand when ``run``."""
-    return NtngCLI(
+    return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -63,14 +73,16 @@ def recipe_args(configs: Sequence[str], overrides: Sequence[str] = ()) -> list[s
     return [arg for path in configs for arg in ("-c", str(path))] + list(overrides)
 
 
-def build_recipe(configs: Sequence[str], overrides: Sequence[str] = ()) -> NtngCLI:
+def build_recipe(configs: Sequence[str], overrides: Sequence[str] = (), planning: bool = False) -> NtngCLI:
     """Instantiate what ``ntng fit -c <configs> <overrides>`` would train, without training.
 
     Args:
         configs: recipe and overlay files, later ones overriding earlier ones.
         overrides: ``--key value`` arguments, as on the ``ntng fit`` command line.
+        planning: build without reading the corpus (:class:`PlanningCLI`): the model's vocabulary
+            is the one the tokenizer will have.
 
     Returns:
         The CLI object: ``.trainer`` (with every callback), ``.model`` and ``.datamodule``.
     """
-    return build_cli(recipe_args(configs, overrides), run=False)
+    return build_cli(recipe_args(configs, overrides), run=False, cli_class=PlanningCLI if planning else NtngCLI)

@@ -69,7 +69,7 @@ def main() -> None:
     def train_step(active: list[int]) -> float:
         start = time.perf_counter()
         with module.layers.active(active):
-            module.mlm_loss(batch).backward()
+            module.loss(batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from app.accounting.clock import Budget, BudgetUnit, ReferenceClock, analytic_flops_model, budget_spent
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
+from app.modules.budgeted import require_budgeted_module
 
 # Lightning validates when (batch index + 1) % val_check_batch == 0; "never" without an inf, which
 # Lightning reads as "validate at every epoch end".
@@ -90,8 +91,7 @@ class ReferenceTimeBudget(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not hasattr(pl_module, "attach_clock"):
-            raise ConfigurationError(f"{type(pl_module).__name__} has no reference clock to budget")
+        pl_module = require_budgeted_module(pl_module, "ReferenceTimeBudget")
         signature = pl_module.model_signature()
         flops_model = analytic_flops_model(pl_module.layers, pl_module.prediction_head, self.reference_flops_per_second)
         if self.profile_path is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from app.modules.budgeted import BudgetedModule
+
 
 class HuggingFaceExport(Callback):
     """Write ``save_pretrained`` weights and the tokenizer to ``<run dir>/<dirname>`` after ``fit``.
@@ -28,7 +30,7 @@ class HuggingFaceExport(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero or not hasattr(pl_module, "export_pretrained"):
+        if not trainer.is_global_zero or not isinstance(pl_module, BudgetedModule):
             return
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         target = pl_module.export_pretrained(self.run_directory(trainer) / self.dirname, tokenizer)

@@ -1,28 +1,26 @@
 """Progressive Layer Dropping (Zhang & He 2020) as NTNG ran it: pure schedule/sampling math + a callback.
 
 The module-level functions are the method (keep-ratio schedule, per-layer keep probabilities,
-sampler, exact depth distribution); the callback and the ``layer_drop`` planner both use them.
+sampler, exact depth distribution); the callback applies them in training and prices an update with
+them for ``ntng plan``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from app.accounting.planning import PlanSettings, UpdateCost, full_depth, trained_update_cost
 from app.errors import ConfigurationError
-from app.accounting.planning import PlanSettings, UpdateCost, register_planner
-from callbacks.sampling import common_depth, micro_step, require_unused_parameter_support, run_seed, step_generator
-
-DEFAULT_THETA_BAR = 0.5
-DEFAULT_GAMMA_F = 100.0  # NTNG BERT; NTNG T5 uses 20
+from app.modules.budgeted import require_budgeted_module
+from callbacks.sampling import common_depth, micro_step, run_seed, step_generator
 
 
-def keep_ratio(progress: float, theta_bar: float = DEFAULT_THETA_BAR, gamma_f: float = DEFAULT_GAMMA_F) -> float:
+def keep_ratio(progress: float, theta_bar: float, gamma_f: float) -> float:
     """Global keep ratio θ(t) = θ̄ + (1 − θ̄)·exp(−γ_f·t).
 
     Args:
@@ -36,20 +34,21 @@ def keep_ratio(progress: float, theta_bar: float = DEFAULT_THETA_BAR, gamma_f: f
     return theta_bar + (1.0 - theta_bar) * math.exp(-gamma_f * progress)
 
 
-def keep_probabilities(theta: float, num_layers: int, keep_first: bool = False) -> list[float]:
+def keep_probabilities(theta: float, num_layers: int, always_active: Sequence[int] = ()) -> list[float]:
     """Per-layer keep probabilities p_l = 1 − (l/L)(1 − θ), l = 1..L: lower layers are kept more often.
 
     Args:
         theta: global keep ratio θ.
         num_layers: depth L.
-        keep_first: keep index 0 with probability 1 (T5: block 0 holds the relative position bias).
+        always_active: indices kept with probability 1 (the family's, e.g. T5 block 0, which holds
+            the relative position bias).
 
     Returns:
         ``L`` probabilities, index ``i`` for layer ``l = i + 1``.
     """
     probabilities = [1.0 - (layer / num_layers) * (1.0 - theta) for layer in range(1, num_layers + 1)]
-    if keep_first:
-        probabilities[0] = 1.0
+    for index in always_active:
+        probabilities[index] = 1.0
     return probabilities
 
 
@@ -98,44 +97,6 @@ def expected_depth(probabilities: Sequence[float]) -> float:
     return sum(depth * mass for depth, mass in enumerate(depth_distribution(probabilities)))
 
 
-def _pld_options(group: argparse.ArgumentParser) -> None:
-    """Adds the ``ntng plan`` options of the ``layer_drop`` planner."""
-    group.add_argument("--pld-theta-bar", type=float, default=DEFAULT_THETA_BAR,
-                       help="keep ratio the schedule decays to (NTNG: 0.5)")
-    group.add_argument("--pld-gamma-f", type=float, default=DEFAULT_GAMMA_F,
-                       help="decay rate per budget (NTNG: 100 for BERT, 20 for T5)")
-
-
-@register_planner("layer_drop", _pld_options)
-def plan_layer_drop(settings: PlanSettings, progress: float) -> UpdateCost:
-    """Expected cost of one update: every micro-batch at the exact expected cost over its sampled depth.
-
-    Args:
-        settings: the shared planner inputs; ``options`` may carry ``pld_theta_bar``/``pld_gamma_f``.
-        progress: budget progress at the start of the update (θ is held for the whole update).
-
-    Returns:
-        The expected seconds, micro-batches and tokens of the update.
-    """
-    full = settings.full_depth()
-    depths = set(full.values())
-    if len(depths) != 1:
-        raise ConfigurationError(f"layer_drop drops the same indices in every stack; profile depths differ: {full}")
-    options = settings.options
-    theta = keep_ratio(progress, getattr(options, "pld_theta_bar", DEFAULT_THETA_BAR),
-                       getattr(options, "pld_gamma_f", DEFAULT_GAMMA_F))
-    probabilities = keep_probabilities(theta, depths.pop(), keep_first=settings.profile.model.get("family") == "t5")
-    tokens = settings.micro_batch_tokens
-    distribution = depth_distribution(probabilities)
-    per_micro = sum(mass * settings.profile.seconds("forward_backward", tokens, {stack: depth for stack in full})
-                    for depth, mass in enumerate(distribution) if mass > 0.0)
-    # The optimizer's cost is linear in the depth updated, so its expectation is its cost at the mean depth.
-    mean_depth = sum(depth * mass for depth, mass in enumerate(distribution))
-    optimizer = settings.profile.optimizer_seconds(settings.optimizer, {stack: mean_depth for stack in full})
-    seconds = settings.micro_batches * per_micro + optimizer
-    return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * tokens)
-
-
 class ProgressiveLayerDrop(Callback):
     """Progressive Layer Dropping (PLD): skip whole layers at random, more often higher up and later on.
 
@@ -155,8 +116,9 @@ class ProgressiveLayerDrop(Callback):
 
     * Nothing kept: run all layers, as NTNG does (an empty index list means "all"); with scaling on
       they are scaled like any kept layer. Probability Π(1 − p_l): 2e-11 for 16 layers at θ = 0.5.
-    * T5 block 0 is kept with probability 1 (it computes the relative position bias for all blocks);
-      the other blocks keep the paper's p_l.
+    * Layers the family needs in every pass (T5 block 0, which computes the relative position bias
+      for all blocks; ``LayerAdapter.traits``) are kept with probability 1; the others keep the
+      paper's p_l.
     * Scaling by 1/p_l (paper, DeepSpeed) is off by default, as in NTNG's non-checkpointed path. When
       on, gate and scale use the same p_l (avoiding DeepSpeedExamples' off-by-one); it needs Pre-LN
       layers (the adapter refuses Post-LN BERT, reported at setup).
@@ -179,10 +141,12 @@ class ProgressiveLayerDrop(Callback):
         seed: seed of the draws; None uses the run's ``seed_everything`` seed.
     """
 
+    leaves_layers_without_gradient: ClassVar[bool] = True
+
     def __init__(
         self,
-        theta_bar: float = DEFAULT_THETA_BAR,
-        gamma_f: float = DEFAULT_GAMMA_F,
+        theta_bar: float = 0.5,
+        gamma_f: float = 100.0,
         resample: Literal["micro_batch", "step"] = "micro_batch",
         scale_outputs: bool = False,
         seed: int | None = None,
@@ -197,7 +161,7 @@ class ProgressiveLayerDrop(Callback):
         self.scale_outputs, self.seed = scale_outputs, seed
         self._seed = 0
         self._num_layers = 0
-        self._keep_first = False
+        self._always_active: tuple[int, ...] = ()
         self._key: tuple[int, int] | None = None  # (step, micro-step) of the current draw
         self._theta = 1.0
         self._probabilities: list[float] = []
@@ -207,10 +171,9 @@ class ProgressiveLayerDrop(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require_unused_parameter_support(trainer, "ProgressiveLayerDrop")
-        layers = pl_module.layers
+        layers = require_budgeted_module(pl_module, "ProgressiveLayerDrop").layers
         self._num_layers = common_depth(layers, "ProgressiveLayerDrop")
-        self._keep_first = layers.family == "t5"
+        self._always_active = layers.traits.always_active
         self._seed = run_seed(self.seed)
         if self.scale_outputs:
             # Ask the adapter, which knows which layer types have a scalable residual branch.
@@ -228,7 +191,7 @@ class ProgressiveLayerDrop(Callback):
         key = (trainer.global_step, 0 if self.resample == "step" else micro)
         if key != self._key:
             self._theta = keep_ratio(pl_module.budget_progress(), self.theta_bar, self.gamma_f)
-            self._probabilities = keep_probabilities(self._theta, self._num_layers, self._keep_first)
+            self._probabilities = keep_probabilities(self._theta, self._num_layers, self._always_active)
             self._kept = sample_active_layers(self._probabilities, step_generator(self._seed, *key))
             self._key = key
         # Applied at every micro-batch: validation or another callback may have changed the set since.
@@ -251,3 +214,18 @@ class ProgressiveLayerDrop(Callback):
         pl_module.layers.set_active_layers(None)
         if self.scale_outputs:
             pl_module.layers.set_output_scales(None)
+
+    def expected_update_cost(self, settings: PlanSettings, progress: float, update: int = 0) -> UpdateCost:
+        """Every micro-batch at the exact expected cost over its sampled depth (θ held for the update).
+
+        Args:
+            settings: the shared planning inputs.
+            progress: budget progress at the start of the update.
+            update: the update's index (the schedule needs only progress).
+
+        Returns:
+            The expected seconds, micro-batches and tokens of the update.
+        """
+        theta = keep_ratio(progress, self.theta_bar, self.gamma_f)
+        probabilities = keep_probabilities(theta, full_depth(settings, "ProgressiveLayerDrop"), settings.always_active)
+        return trained_update_cost(settings, dict(enumerate(depth_distribution(probabilities))))

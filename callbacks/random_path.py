@@ -1,21 +1,21 @@
 """RaPTr: train a random path of layers whose length grows in stages. Pure functions hold the math
-(shared by the callback, the tests and the ``raptr`` planner); ``RandomPathTraining`` applies it."""
+(shared by the callback, the tests and ``ntng plan``); ``RandomPathTraining`` applies it."""
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from app.accounting.planning import PlanSettings, UpdateCost, full_depth, trained_update_cost
 from app.errors import ConfigurationError
-from app.accounting.planning import PlanSettings, UpdateCost, register_planner
-from callbacks.sampling import common_depth, micro_step, require_unused_parameter_support, run_seed, step_generator
+from app.modules.budgeted import require_budgeted_module
+from callbacks.sampling import common_depth, micro_step, run_seed, step_generator
 
 Sampling = Literal["subset", "bernoulli"]
 Resample = Literal["step", "micro_batch"]
@@ -59,7 +59,7 @@ def check_schedule(path_lengths: Sequence[int], stage_fractions: Sequence[float]
 
 
 def resolve_schedule(path_lengths: Sequence[int] | None, stage_fractions: Sequence[float] | None,
-                     fixed_layers: Sequence[int], num_layers: int, family: str | None,
+                     fixed_layers: Sequence[int], num_layers: int, always_active: Sequence[int],
                      sampling: Sampling) -> tuple[list[int], list[float], tuple[int, ...]]:
     """Completes and checks a schedule for a ``num_layers``-deep model (used by setup and the planner).
 
@@ -68,7 +68,8 @@ def resolve_schedule(path_lengths: Sequence[int] | None, stage_fractions: Sequen
         stage_fractions: stage starts, or None for equal stages (see ``check_schedule``).
         fixed_layers: layers always in the path; negative indices count from the top.
         num_layers: full depth L.
-        family: the model family; ``"t5"`` adds block 0 to the fixed layers (it holds the position bias).
+        always_active: layers the family needs in every pass, added to the fixed layers (T5 block 0,
+            which holds the relative position bias; ``LayerAdapter.traits``).
         sampling: ``subset`` or ``bernoulli`` (needs a fixed layer, or it could draw an empty path).
 
     Returns:
@@ -78,7 +79,7 @@ def resolve_schedule(path_lengths: Sequence[int] | None, stage_fractions: Sequen
     fractions = check_schedule(lengths, stage_fractions)
     if bad := [i for i in fixed_layers if not -num_layers <= i < num_layers]:
         raise ConfigurationError(f"RaPTr fixed_layers {bad} are out of range for {num_layers} layers")
-    fixed = tuple(sorted({i % num_layers for i in fixed_layers} | ({0} if family == "t5" else set())))
+    fixed = tuple(sorted({i % num_layers for i in fixed_layers} | set(always_active)))
     if lengths[-1] != num_layers:
         raise ConfigurationError(f"RaPTr's last stage must train the full model: path_lengths {lengths} must end "
                                  f"at the model's depth {num_layers}")
@@ -158,16 +159,17 @@ class RandomPathTraining(Callback):
     micro_step)``, so all DDP ranks and a resumed run make the same choices.
 
     Our notes on the paper are second-hand (abstract and OpenReview reviews, no Algorithm 1), so:
-    * ``subset`` sampling (exactly ℓ_s layers) is our default, as our issue asks; the v2 text reportedly
-      keeps each layer with an independent Bernoulli p ("6-8-10-12" being expected lengths): ``bernoulli``.
+    * ``subset`` sampling (exactly ℓ_s layers, so every step costs exactly its stage's depth) is our
+      default; the v2 text reportedly keeps each layer with an independent Bernoulli p ("6-8-10-12"
+      being expected lengths): ``bernoulli``.
     * Reviewers say the paper rescales sampled layers' outputs and that it helps; the rule is not in our
       notes. Our default ``inverse_keep`` (our choice, not a confirmed paper formula) scales each sampled
       non-fixed layer's residual by 1/p, p = (ℓ_s − |I|)/(L − |I|): the expected sum of residual branches
       then equals the full model's at every stage, so stage transitions and full-depth evaluation see the
       same expected residual-stream magnitude (the stability the paper's theory is about). p = 1 in the
       last stage, which is plain training. Post-LN BERT cannot be scaled: use ``scale: none``.
-    * T5: block 0 is always fixed (it computes the relative position bias every later block reuses);
-      encoder and decoder run the same indices.
+    * Layers the family needs in every pass are always fixed (T5 block 0 computes the relative
+      position bias every later block reuses); encoder and decoder run the same indices.
     * The stage is read once per update, from the budget progress before it (as the planner does).
 
     Args:
@@ -181,6 +183,8 @@ class RandomPathTraining(Callback):
         seed: seed of the path stream; None: the run's ``seed_everything`` seed. A resumed run keeps
             the checkpoint's.
     """
+
+    leaves_layers_without_gradient: ClassVar[bool] = True
 
     def __init__(self, path_lengths: list[int] | None = None, stage_fractions: list[float] | None = None,
                  fixed_layers: list[int] | None = None, sampling: Sampling = "subset", resample: Resample = "step",
@@ -200,14 +204,14 @@ class RandomPathTraining(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require_unused_parameter_support(trainer, "RandomPathTraining")
-        layers = pl_module.layers
+        layers = require_budgeted_module(pl_module, "RandomPathTraining").layers
         self._num_layers = common_depth(layers, "RaPTr")
         self._lengths, self._fractions, self._fixed = resolve_schedule(
-            self.path_lengths, self.stage_fractions, self.fixed_layers, self._num_layers, layers.family, self.sampling)
-        if self.scale != "none" and layers.family == "bert":
-            raise ConfigurationError(f"RaPTr scale={self.scale!r} needs a Pre-LN model; BERT is Post-LN: "
-                                     "use scale: none with bert (or the roberta-prelayernorm backbone)")
+            self.path_lengths, self.stage_fractions, self.fixed_layers, self._num_layers,
+            layers.traits.always_active, self.sampling)
+        if self.scale != "none" and not layers.traits.exact_residual_scaling:
+            raise ConfigurationError(f"RaPTr scale={self.scale!r} needs a Pre-LN model; {layers.family} is Post-LN: "
+                                     "use scale: none with it (or the roberta-prelayernorm backbone)")
         self._seed = run_seed(self.seed)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -239,6 +243,15 @@ class RandomPathTraining(Callback):
         pl_module.layers.set_active_layers(None)
         pl_module.layers.set_output_scales(None)
 
+    def expected_update_cost(self, settings: PlanSettings, progress: float, update: int = 0) -> UpdateCost:
+        """The update's micro-batches at the stage's path-length distribution (exactly ℓ_s for subset
+        sampling), the stage read from the progress before the update as in training."""
+        num_layers = full_depth(settings, "RaPTr")
+        lengths, fractions, fixed = resolve_schedule(self.path_lengths, self.stage_fractions, self.fixed_layers,
+                                                     num_layers, settings.always_active, self.sampling)
+        length = lengths[stage_index(progress, fractions)]
+        return trained_update_cost(settings, path_length_distribution(length, num_layers, len(fixed), self.sampling))
+
     def state_dict(self) -> dict[str, Any]:
         # Paths are a pure function of (seed, step, micro-step) and the stage one of budget progress (the
         # module checkpoints its clock), so no RNG state is saved. The seed is kept so a resume without
@@ -249,35 +262,3 @@ class RandomPathTraining(Callback):
         self._stage = state_dict["stage"]
         if state_dict["seed"] is not None:
             self._seed = state_dict["seed"]
-
-
-def _planner_options(parser: argparse.ArgumentParser) -> None:
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--raptr-path-lengths", type=ints, metavar="L1,L2,...",
-                        help="path length per stage (default L/2,2L/3,5L/6,L of the profile's depth: 6,8,10,12 for 12)")
-    parser.add_argument("--raptr-stage-fractions", type=lambda text: [float(x) for x in text.split(",")],
-                        metavar="F1,F2,...", help="budget fraction at which each stage starts (default: equal stages)")
-    parser.add_argument("--raptr-fixed-layers", type=ints, default=[0, -1], metavar="I1,I2,...",
-                        help="layers always in the path (default: 0,-1)")
-    parser.add_argument("--raptr-sampling", choices=_CHOICES["sampling"], default="subset")
-
-
-@register_planner("raptr", _planner_options)
-def plan_raptr(settings: PlanSettings, progress: float) -> UpdateCost:
-    """Expected cost of an update at ``progress``: its micro-batches at the stage's path-length
-    distribution (exactly ℓ_s for subset sampling), plus the optimizer's seconds."""
-    stacks = settings.full_depth()
-    if len(set(stacks.values())) != 1:
-        raise ConfigurationError(f"RaPTr runs the same layers in every stack; profile depths differ: {stacks}")
-    num_layers, options = next(iter(stacks.values())), settings.options
-    sampling = getattr(options, "raptr_sampling", "subset")
-    lengths, fractions, fixed = resolve_schedule(
-        getattr(options, "raptr_path_lengths", None), getattr(options, "raptr_stage_fractions", None),
-        getattr(options, "raptr_fixed_layers", [0, -1]), num_layers, settings.profile.model.get("family"), sampling)
-    distribution = path_length_distribution(lengths[stage_index(progress, fractions)], num_layers, len(fixed), sampling)
-    per_micro = sum(q * settings.profile.seconds("forward_backward", settings.micro_batch_tokens,
-                                                 dict.fromkeys(stacks, n)) for n, q in distribution.items())
-    mean_length = sum(n * q for n, q in distribution.items())  # the optimizer's cost is linear in depth
-    optimizer = settings.profile.optimizer_seconds(settings.optimizer, dict.fromkeys(stacks, mean_length))
-    seconds = settings.micro_batches * per_micro + optimizer
-    return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * settings.micro_batch_tokens)

@@ -1,14 +1,12 @@
-"""RHO-loss (Mindermann et al. 2022) as NTNG ran it: pure selection math + a callback + a planner.
+"""RHO-loss (Mindermann et al. 2022) as NTNG ran it: pure selection math + a callback.
 
-The irreducible-loss file and ``ntng il-losses`` live in ``app.commands.il_losses``; the mechanics
+The irreducible-loss file lives in ``callbacks.irreducible_losses`` (``ntng il-losses`` writes it); the mechanics
 shared with selective backprop (candidate stream, scoring, in-place batch swap) in
 ``callbacks.selection``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 from typing import Any
 
@@ -16,12 +14,10 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from app.accounting.planning import PlanSettings, UpdateCost, baseline_update_cost, forward_seconds
 from app.errors import ConfigurationError
 from callbacks.irreducible_losses import IrreducibleLosses, describe_uncharged
-from app.accounting.planning import PlanSettings, UpdateCost, plan_baseline, register_planner
 from callbacks.selection import BatchSelection
-
-DEFAULT_MEGA_BATCH_FACTOR = 2.0  # NTNG: mega-batch 3072 = 2 x 1536 (its config default and "free" run: 10)
 
 
 def reducible_losses(losses: torch.Tensor, irreducible: torch.Tensor) -> torch.Tensor:
@@ -69,7 +65,8 @@ class RhoLoss(BatchSelection):
     ``method/selected_reducible_loss`` (means over the examples selected in the update).
 
     Args:
-        irreducible_losses: the ``ntng il-losses`` file for this run's data.
+        irreducible_losses: the ``ntng il-losses`` file for this run's data (required to train;
+            planning does not read it).
         mega_batch_factor: candidates scored per trained example (NTNG: 2; its 10x "free" ablation: 10).
         charge_scoring: charge scoring forwards to the budget; False is NTNG's "free" ablation.
         seed: seed of the candidate order; ``None`` uses the run's.
@@ -83,8 +80,8 @@ class RhoLoss(BatchSelection):
 
     def __init__(
         self,
-        irreducible_losses: str,
-        mega_batch_factor: float = DEFAULT_MEGA_BATCH_FACTOR,
+        irreducible_losses: str | None = None,
+        mega_batch_factor: float = 2.0,
         charge_scoring: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -100,6 +97,8 @@ class RhoLoss(BatchSelection):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if self.irreducible_losses is None:
+            raise ConfigurationError("RhoLoss needs irreducible_losses: the file `ntng il-losses` writes for this recipe")
         losses = IrreducibleLosses.load(self.irreducible_losses)
         losses.check(trainer.datamodule.train_example_ids, trainer.datamodule.example_fingerprint(),
                      source=str(self.irreducible_losses))
@@ -133,31 +132,14 @@ class RhoLoss(BatchSelection):
             )
         return self._table[epoch % epochs, example_ids.to(self._table.device)]
 
+    def expected_update_cost(self, settings: PlanSettings, progress: float, update: int = 0) -> UpdateCost:
+        """The baseline update plus ``mega_batch_factor x micro_batches`` scoring forwards at full depth.
+        The IL model's training and ``ntng il-losses`` are not included (as in NTNG and the paper):
+        price them as a separate baseline run and one forward per example."""
+        if not self.charge_scoring:
+            return baseline_update_cost(settings)
+        scoring = self.mega_batch_factor * settings.micro_batches * forward_seconds(settings)
+        return baseline_update_cost(settings, extra_seconds=scoring)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank_zero_info(f"ntng: RhoLoss: {describe_uncharged(self._provenance)}")
-
-
-# -- planner --------------------------------------------------------------------------------------
-
-
-def _options(group: argparse.ArgumentParser) -> None:
-    """Adds the ``ntng plan`` options of the ``rho_loss`` planner."""
-    group.add_argument("--rho-mega-batch-factor", type=float, default=DEFAULT_MEGA_BATCH_FACTOR,
-                       help="candidates scored per trained example (NTNG: 2)")
-    group.add_argument("--rho-free", action="store_true", help="scoring is not charged (NTNG's ablation)")
-
-
-@register_planner("rho_loss", _options)
-def plan_rho_loss(settings: PlanSettings, progress: float) -> UpdateCost:
-    """Expected cost of one update: the baseline plus ``mega_batch_factor x micro_batches`` scoring
-    forwards at full depth. The IL model's training and ``ntng il-losses`` are not included (as in
-    NTNG and the paper); price them as a separate baseline run and one forward per example."""
-    options = settings.options
-    base = plan_baseline(settings, progress)
-    if getattr(options, "rho_free", False):
-        return base
-    factor = getattr(options, "rho_mega_batch_factor", DEFAULT_MEGA_BATCH_FACTOR)
-    if factor < 1:
-        raise ConfigurationError("--rho-mega-batch-factor must be >= 1")
-    forward = settings.profile.seconds("forward", settings.micro_batch_tokens, settings.full_depth())
-    return dataclasses.replace(base, seconds=base.seconds + factor * settings.micro_batches * forward)

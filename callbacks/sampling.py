@@ -1,4 +1,4 @@
-"""Shared mechanics of the depth-changing methods: rank-synchronised randomness and DDP checks.
+"""Shared mechanics of the methods: rank-synchronised randomness and the depth every stack shares.
 
 Every random choice that shapes the graph (which layers run) must be the same on every DDP rank
 (the slowest rank sets the step time, and DDP would average a layer's zero gradient on one rank
@@ -13,7 +13,6 @@ import os
 import numpy as np
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import DDPStrategy
 
 from app.errors import ConfigurationError
 
@@ -51,36 +50,17 @@ def micro_step(trainer: Trainer, batch_idx: int) -> int:
     return batch_idx % trainer.accumulate_grad_batches
 
 
-def require_unused_parameter_support(trainer: Trainer, method: str) -> None:
-    """Fail early when DDP would hang or error on layers that get no gradient.
-
-    Args:
-        trainer: the trainer being set up.
-        method: the method's name, for the message.
-
-    Raises:
-        ConfigurationError: under multi-process DDP without ``find_unused_parameters``.
-    """
-    strategy = trainer.strategy
-    if trainer.world_size > 1 and isinstance(strategy, DDPStrategy):
-        if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
-            raise ConfigurationError(
-                f"{method} leaves some layers without gradients, which plain DDP rejects; "
-                "set trainer.strategy=ddp_find_unused_parameters_true"
-            )
-
-
 def common_depth(layers, method: str) -> int:
     """The depth shared by every stack (the methods change the same indices in encoder and decoder).
 
     Args:
-        layers: the module's ``LayerAdapter``, or a depth per stack (a profile's ``model.layers``).
+        layers: the module's ``LayerAdapter``.
         method: the method's name, for the message.
 
     Raises:
         ConfigurationError: when the stacks differ in depth.
     """
-    depths = layers if isinstance(layers, dict) else {s: layers.num_layers(s) for s in layers.stack_names}
+    depths = {stack: layers.num_layers(stack) for stack in layers.stack_names}
     if len(set(depths.values())) != 1:
         raise ConfigurationError(f"{method} changes the same layers in every stack, whose depths differ: {depths}")
     return next(iter(depths.values()))

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from app.errors import ConfigurationError
+from app.modules.budgeted import require_budgeted_module
 from callbacks.sampling import multi_process, run_seed
 
 TRAINED_KEYS = ("input_ids", "labels", "example_ids")
@@ -144,7 +145,7 @@ class BatchSelection(Callback):
         self.buffer = SelectedRows()
         self.batches_scored = 0  # candidate batches scored on this rank (seeds per-batch draws)
         self._unpaid_batches = 0  # scored in this update, charged before its optimizer step
-        self._candidate_shape: torch.Size | None = None
+        self._candidate_tokens = 0  # tokens of one candidate batch (what a scoring pass is charged for)
         self._saved_ranks: list[dict[str, Any]] | None = None  # restored before setup, applied there
         self._update = self._new_update()
 
@@ -160,15 +161,12 @@ class BatchSelection(Callback):
                 f"{type(self).__name__} reads candidates by example id: it needs a data module with "
                 "train_example_ids and masked_batches (PretrainingDataModule with streaming=false)"
             )
-        if not (hasattr(pl_module, "per_example_losses") and hasattr(pl_module, "charge")):
-            raise ConfigurationError(
-                f"{type(self).__name__}: {type(pl_module).__name__} has no per_example_losses and charge"
-            )
+        require_budgeted_module(pl_module, type(self).__name__, needs=("per_example_losses",))
         self.seed = run_seed(self.seed)
         self.stream = CandidateStream(
             data, data.hparams.micro_batch_size, self.seed, trainer.global_rank, trainer.world_size
         )
-        self._candidate_shape = torch.Size([self.stream.batch_size, data.seq_len])
+        self._candidate_tokens = self.stream.batch_size * data.seq_len
         self._restore()
 
     # -- the swap ---------------------------------------------------------------------------------
@@ -230,9 +228,8 @@ class BatchSelection(Callback):
             count = torch.tensor(batches, device=pl_module.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             batches = int(count)
-        shape_only = torch.empty(self._candidate_shape, device="meta")  # the clock reads numel()
         for _ in range(batches):
-            pl_module.charge("forward", shape_only)
+            pl_module.charge("forward", self._candidate_tokens)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

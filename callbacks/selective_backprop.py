@@ -1,28 +1,22 @@
-"""Selective backprop (Jiang et al. 2019) as NTNG ran it: pure selection math + a callback + a planner.
+"""Selective backprop (Jiang et al. 2019) as NTNG ran it: pure selection math + a callback.
 
 The module-level functions are the method (loss percentiles in a history, keep probabilities,
-the Bernoulli draw, Composer's fixed-fraction draw, the expected selection rate); the callback and
-the ``selective_backprop`` planner both use them. The mechanics shared with RHO-loss (candidate
+the Bernoulli draw, Composer's fixed-fraction draw, the expected selection rate); the callback
+applies them in training and prices an update with them for ``ntng plan``. The mechanics shared with RHO-loss (candidate
 stream, scoring, in-place batch swap) live in ``callbacks.selection``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from app.accounting.planning import PlanSettings, UpdateCost, baseline_update_cost, forward_seconds
 from app.errors import ConfigurationError
-from app.accounting.planning import PlanSettings, UpdateCost, plan_baseline, register_planner
 from callbacks.sampling import step_generator
 from callbacks.selection import BatchSelection
-
-DEFAULT_BETA = 1.0  # NTNG's train.sb.scale (≈ 50 % kept); the official code's default is 3
-DEFAULT_HISTORY_SIZE = 5000  # NTNG; the official code keeps 1024
-DEFAULT_KEEP_FRACTION = 0.5  # Composer's keep
 
 
 def loss_percentiles(history: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -69,9 +63,7 @@ def fixed_fraction_kept(losses: torch.Tensor, keep_fraction: float, generator: t
     return torch.multinomial(weights, count, replacement=False, generator=generator).sort().values
 
 
-def expected_selection_rate(
-    beta: float = DEFAULT_BETA, variant: str = "history", keep_fraction: float = DEFAULT_KEEP_FRACTION
-) -> float:
+def expected_selection_rate(beta: float, variant: str, keep_fraction: float) -> float:
     """Expected share of scored examples kept: ``1 / (beta + 1)`` (uniform percentiles) or ``keep_fraction``."""
     return keep_fraction if variant == "fixed_fraction" else 1.0 / (beta + 1.0)
 
@@ -125,10 +117,10 @@ class SelectiveBackprop(BatchSelection):
 
     def __init__(
         self,
-        beta: float = DEFAULT_BETA,
-        history_size: int = DEFAULT_HISTORY_SIZE,
+        beta: float = 1.0,
+        history_size: int = 5000,
         variant: Literal["history", "fixed_fraction"] = "history",
-        keep_fraction: float = DEFAULT_KEEP_FRACTION,
+        keep_fraction: float = 0.5,
         charge_scoring: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -163,44 +155,21 @@ class SelectiveBackprop(BatchSelection):
                 kept = sample_kept(keep_probabilities(loss_percentiles(self.history, losses), self.beta), generator)
             self.select(candidates, kept)
 
+    def expected_update_cost(self, settings: PlanSettings, progress: float, update: int = 0) -> UpdateCost:
+        """The baseline update plus ``micro_batches / rate`` scoring forwards at full depth, rate =
+        ``1 / (beta + 1)`` (or the fixed fraction, or ``settings.selection_rate``). NTNG's 24 h BERT
+        budget: 50 % kept, so two forwards per trained micro-batch. The stationary rate
+        overestimates while the loss falls faster than the history turns over."""
+        if not self.charge_scoring:
+            return baseline_update_cost(settings)
+        rate = settings.selection_rate or expected_selection_rate(self.beta, self.variant, self.keep_fraction)
+        if not 0 < rate <= 1:
+            raise ConfigurationError(f"SelectiveBackprop: a selection rate must be in (0, 1], got {rate}")
+        return baseline_update_cost(settings, extra_seconds=settings.micro_batches / rate * forward_seconds(settings))
+
     def rank_state(self) -> dict[str, Any]:
         return {**super().rank_state(), "history": self.history.cpu()}
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         super().load_rank_state(state)
         self.history = state["history"]
-
-
-# -- planner --------------------------------------------------------------------------------------
-
-
-def _options(group: argparse.ArgumentParser) -> None:
-    """Adds the ``ntng plan`` options of the ``selective_backprop`` planner."""
-    group.add_argument("--sb-beta", type=float, default=DEFAULT_BETA, help="keep probability exponent (NTNG: 1)")
-    group.add_argument("--sb-variant", default="history", choices=["history", "fixed_fraction"])
-    group.add_argument("--sb-keep-fraction", type=float, default=DEFAULT_KEEP_FRACTION,
-                       help="share kept with --sb-variant fixed_fraction")
-    group.add_argument("--sb-selection-rate", type=float, default=None,
-                       help="plan with this share kept instead of the stationary 1/(beta+1) "
-                            "(e.g. a run's mean method/selection_rate)")
-    group.add_argument("--sb-free", action="store_true", help="scoring is not charged (NTNG's ablation)")
-
-
-@register_planner("selective_backprop", _options)
-def plan_selective_backprop(settings: PlanSettings, progress: float) -> UpdateCost:
-    """Expected cost of one update: the baseline plus ``micro_batches / rate`` scoring forwards at
-    full depth, rate = ``1 / (beta + 1)`` (or the fixed fraction, or ``--sb-selection-rate``). NTNG's
-    24 h BERT budget: 50 % kept, so two forwards per trained micro-batch. The stationary rate
-    overestimates while the loss falls faster than the history turns over."""
-    options = settings.options
-    base = plan_baseline(settings, progress)
-    if getattr(options, "sb_free", False):
-        return base
-    rate = getattr(options, "sb_selection_rate", None) or expected_selection_rate(
-        getattr(options, "sb_beta", DEFAULT_BETA), getattr(options, "sb_variant", "history"),
-        getattr(options, "sb_keep_fraction", DEFAULT_KEEP_FRACTION),
-    )
-    if not 0 < rate <= 1:
-        raise ConfigurationError("--sb-beta must be > 0, --sb-keep-fraction and --sb-selection-rate in (0, 1]")
-    forward = settings.profile.seconds("forward", settings.micro_batch_tokens, settings.full_depth())
-    return dataclasses.replace(base, seconds=base.seconds + settings.micro_batches / rate * forward)

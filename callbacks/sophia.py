@@ -1,4 +1,4 @@
-"""Sophia-G's Hessian refresh (a callback), and the ``sophia`` and ``lion`` planners.
+"""Sophia-G's Hessian refresh: a functional core and a callback that also prices an update for ``ntng plan``.
 
 Functional core: :func:`refresh_hessian` (accumulate the GNB gradient over a Hessian batch,
 all-reduce it across ranks, fold it into the optimizer's EMA), usable without a Trainer.
@@ -8,8 +8,6 @@ The optimizers themselves live in ``app.model.optimizers`` (SophiaG) and ``pytor
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterable
@@ -19,12 +17,10 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from app.accounting.planning import PlanSettings, UpdateCost, baseline_update_cost
 from app.errors import ConfigurationError
-from app.accounting.planning import PlanSettings, UpdateCost, plan_baseline, register_planner
+from app.modules.budgeted import require_budgeted_module
 from callbacks.sampling import multi_process
-
-DEFAULT_EVERY_N_STEPS = 10  # k: Sophia's hess_interval, NTNG's hess_update_frequency
-DEFAULT_HESSIAN_MICRO_BATCHES = 6  # NTNG BERT: 768 sequences = 6 x 128
 
 
 def refresh_hessian(
@@ -137,8 +133,9 @@ class SophiaHessian(Callback):
       first: a Lion-like step at Sophia's lr); NTNG never combined them.
     * Precision: the passes run in the trainer's autocast context (BF16 recommended; NTNG found
       FP16 unstable, and the GNB backward is not loss-scaled).
-    * Resume: only the refresh count is saved. Kept micro-batches are not: the next refresh is at
-      most k updates away and uses that update's own micro-batches.
+    * Resume: the refresh count and every rank's kept micro-batches are saved (gathered into the one
+      callback state Lightning keeps), so a resumed run's next refresh sees the batches an
+      uninterrupted run's would, also when accumulation is below ``hessian_micro_batches``.
 
     Logs ``method/hessian_updates`` (refreshes so far) at every refresh and ``optimizer/win_rate``
     (share of coordinates not clipped; Sophia's README tunes rho to keep it in 0.1-0.5) after every
@@ -156,8 +153,8 @@ class SophiaHessian(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        hessian_micro_batches: int = DEFAULT_HESSIAN_MICRO_BATCHES,
+        every_n_steps: int = 10,
+        hessian_micro_batches: int = 6,
         charge: bool = True,
         clip_norm: float | None = None,
     ) -> None:
@@ -174,6 +171,7 @@ class SophiaHessian(Callback):
         self.hessian_updates = 0
         self._kept: deque[dict[str, torch.Tensor]] = deque(maxlen=hessian_micro_batches)
         self._refreshed_at: int | None = None
+        self._saved_kept: list[list[dict[str, Any]]] | None = None  # every rank's, from a checkpoint
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers exist from here on (``setup`` runs before ``configure_optimizers``).
@@ -183,8 +181,7 @@ class SophiaHessian(Callback):
                     f"SophiaHessian needs an optimizer with update_hessian() (app.model.optimizers.SophiaG), "
                     f"got {type(optimizer).__name__}"
                 )
-        if not hasattr(pl_module, "hessian_pass"):
-            raise ConfigurationError(f"SophiaHessian: {type(pl_module).__name__} has no hessian_pass")
+        require_budgeted_module(pl_module, "SophiaHessian", needs=("hessian_pass",))
         if trainer.precision in ("16-mixed", "16"):
             rank_zero_warn("SophiaHessian: the GNB backward is not loss-scaled; NTNG found FP16 unstable, use bf16-mixed")
 
@@ -218,59 +215,49 @@ class SophiaHessian(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._kept.clear()
 
+    def expected_update_cost(self, settings: PlanSettings, progress: float, update: int = 0) -> UpdateCost:
+        """The baseline update (priced with the recipe's optimizer, SophiaG) plus, on every k-th update
+        (update 0 included), a Hessian batch of forward+backward micro-batches at full depth: the last
+        ``hessian_micro_batches`` seen, fewer while fewer exist. NTNG BERT: +6 micro-batches every 10
+        updates of 12, +5 %. Hessian passes are not trained on, so micro-batches and tokens are the
+        baseline's; with ``charge: false`` they cost nothing.
+
+        Don't double count: NTNG's T5 A100 profile prices SophiaG at +0.125 s/step, which already
+        amortises its Hessian batch; with such a profile plan with ``charge: false`` (a warning says so).
+        """
+        if not self.charge or update % self.every_n_steps:
+            return baseline_update_cost(settings)
+        profile = settings.profile
+        priced = getattr(profile, "optimizer_step_seconds", {}).get(settings.optimizer, 0.0)
+        if priced > 0:
+            rank_zero_warn(
+                f"profile {profile.name!r} prices {settings.optimizer} at +{priced:g} s/step, which may already "
+                "amortise the Hessian batch (NTNG T5 does); plan with charge: false not to count it twice"
+            )
+        passes = min(self.hessian_micro_batches, (update + 1) * settings.micro_batches)
+        per_micro = profile.seconds("forward_backward", settings.micro_batch_tokens, dict(settings.layers))
+        return baseline_update_cost(settings, extra_seconds=passes * per_micro)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._saved_kept is None:
+            return
+        if len(self._saved_kept) != trainer.world_size:
+            raise ConfigurationError(f"SophiaHessian: the checkpoint holds the kept micro-batches of "
+                                     f"{len(self._saved_kept)} rank(s) but this run has {trainer.world_size}")
+        device = pl_module.device
+        self._kept.clear()
+        self._kept.extend({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                          for batch in self._saved_kept[trainer.global_rank])
+        self._saved_kept = None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"hessian_updates": self.hessian_updates}
+        kept = [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in self._kept]
+        ranks = [kept]
+        if multi_process():  # Lightning keeps rank 0's callback state only
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, kept)
+        return {"hessian_updates": self.hessian_updates, "kept": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.hessian_updates = int(state_dict["hessian_updates"])
-
-
-# -- planners -------------------------------------------------------------------------------------
-
-_WARNED: set[str] = set()
-
-
-def _sophia_options(group: argparse.ArgumentParser) -> None:
-    """Adds the ``ntng plan`` options of the ``sophia`` planner."""
-    group.add_argument("--sophia-every-n-steps", type=int, default=DEFAULT_EVERY_N_STEPS,
-                       help="updates between Hessian refreshes (k; NTNG: 10)")
-    group.add_argument("--sophia-hessian-micro-batches", type=int, default=DEFAULT_HESSIAN_MICRO_BATCHES,
-                       help="micro-batches per Hessian batch (NTNG BERT: 6)")
-    group.add_argument("--sophia-free", action="store_true",
-                       help="Hessian passes are not charged (NTNG's free_updates ablation)")
-
-
-@register_planner("sophia", _sophia_options)
-def plan_sophia(settings: PlanSettings, progress: float) -> UpdateCost:
-    """Expected cost of one Sophia-G update: the baseline priced with the ``SophiaG`` optimizer cost,
-    plus ``hessian_micro_batches`` forward+backward micro-batches at full depth every k updates
-    (amortised: ``hessian_micro_batches * fb / k``). NTNG BERT: +6 micro-batches every 10 updates of
-    12, +5 %. Hessian passes are not trained on, so micro-batches and tokens are the baseline's.
-
-    Don't double count: NTNG's T5 A100 profile prices SophiaG at +0.125 s/step, which already
-    amortises its Hessian batch; with such a profile plan with ``--sophia-free`` (a warning says so).
-    """
-    options = settings.options
-    base = plan_baseline(dataclasses.replace(settings, optimizer="SophiaG"), progress)
-    if getattr(options, "sophia_free", False):
-        return base
-    every = getattr(options, "sophia_every_n_steps", DEFAULT_EVERY_N_STEPS)
-    micro = getattr(options, "sophia_hessian_micro_batches", DEFAULT_HESSIAN_MICRO_BATCHES)
-    if every < 1 or micro < 1:
-        raise ConfigurationError("--sophia-every-n-steps and --sophia-hessian-micro-batches must be >= 1")
-    profile = settings.profile
-    if getattr(profile, "optimizer_step_seconds", {}).get("SophiaG", 0.0) > 0 and profile.name not in _WARNED:
-        _WARNED.add(profile.name)
-        rank_zero_warn(
-            f"profile {profile.name!r} prices SophiaG at +{profile.optimizer_step_seconds['SophiaG']:g} s/step, "
-            "which may already amortise the Hessian batch (NTNG T5 does); pass --sophia-free not to count it twice"
-        )
-    per_micro = profile.seconds("forward_backward", settings.micro_batch_tokens, settings.full_depth())
-    return dataclasses.replace(base, seconds=base.seconds + micro * per_micro / every)
-
-
-@register_planner("lion")
-def plan_lion(settings: PlanSettings, progress: float) -> UpdateCost:
-    """The baseline priced with the ``Lion`` optimizer cost (profile's ``optimizer_step_seconds``;
-    NTNG T5: 1.043 s/step against AdamWScale's 1.031)."""
-    return plan_baseline(dataclasses.replace(settings, optimizer="Lion"), progress)
+        self._saved_kept = state_dict.get("kept")

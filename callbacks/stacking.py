@@ -1,26 +1,26 @@
 """``LayerStacking``: train a shallow prefix of the model and grow it by copying layers.
 
-Functional core, shared by the callback, the planner and the tests: :class:`GrowthSchedule` (the
+Functional core, shared by the callback, ``ntng plan`` and the tests: :class:`GrowthSchedule` (the
 depth at budget progress ``t``), :func:`growth_copies` (the ``(src, dst)`` copies of one growth
-event), :func:`apply_growth` (one event through the layer adapter) and :func:`update_cost` (the
-expected reference cost of an update). :class:`LayerStacking` is the thin stateful callback.
+event) and :func:`apply_growth` (one event through the layer adapter). :class:`LayerStacking` is the
+thin stateful callback, which also prices an update for ``ntng plan``.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from app.accounting.clock import budget_spent
+from app.accounting.planning import PlanSettings, UpdateCost, full_depth, trained_update_cost
 from app.errors import ConfigurationError
 from app.model.layers import LayerAdapter
-from app.accounting.planning import PlanSettings, UpdateCost, register_planner
-from callbacks.sampling import common_depth, require_unused_parameter_support
+from app.modules.budgeted import require_budgeted_module
+from callbacks.sampling import common_depth
 
 Growth = Literal["double", "add"]
 OptimizerStatePolicy = Literal["reset", "copy", "new_only"]
@@ -177,6 +177,8 @@ class LayerStacking(Callback):
             here in budget units rather than their 10k steps).
     """
 
+    leaves_layers_without_gradient: ClassVar[bool] = True
+
     def __init__(
         self,
         initial_layers: int = 4,
@@ -210,8 +212,7 @@ class LayerStacking(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require_unused_parameter_support(trainer, "LayerStacking")
-        layers = pl_module.layers
+        layers = require_budgeted_module(pl_module, "LayerStacking").layers
         self.schedule.check_full_depth(common_depth(layers, "LayerStacking"))
         # A fresh run starts shallow here, so the sanity validation already sees the initial depth;
         # a resume then loads the saved state, which on_train_start applies.
@@ -256,46 +257,7 @@ class LayerStacking(Callback):
         self.depth, self.next_event = int(state_dict["depth"]), int(state_dict["next_event"])
         self.rewarm_start = state_dict["rewarm_start"]
 
-
-
-def update_cost(settings: PlanSettings, progress: float, schedule: GrowthSchedule) -> UpdateCost:
-    """Expected cost of the update starting at ``progress``: every micro-batch at the schedule's depth."""
-    depth = schedule.depth_at(progress)
-    per_micro = settings.profile.seconds(
-        "forward_backward", settings.micro_batch_tokens, {stack: depth for stack in settings.full_depth()}
-    )
-    optimizer = settings.profile.optimizer_seconds(settings.optimizer, {stack: depth for stack in settings.full_depth()})
-    seconds = settings.micro_batches * per_micro + optimizer
-    return UpdateCost(seconds, settings.micro_batches, settings.micro_batches * settings.micro_batch_tokens)
-
-
-def _fractions(value: str) -> tuple[float, ...]:
-    return tuple(float(f) for f in value.split(","))
-
-
-def planner_schedule(settings: PlanSettings) -> GrowthSchedule:
-    """The schedule ``ntng plan --method stacking`` prices, checked against the profile's depth."""
-    full_depth, options = common_depth(settings.full_depth(), "LayerStacking"), settings.options
-    schedule = GrowthSchedule(
-        getattr(options, "stacking_initial_layers", None) or full_depth // 4,
-        tuple(getattr(options, "stacking_growth_fractions", (0.125, 0.3))),
-        getattr(options, "stacking_growth", "double"),
-        getattr(options, "stacking_add_layers", None),
-    )
-    schedule.check_full_depth(full_depth)
-    return schedule
-
-
-def _planner_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stacking-initial-layers", type=int, default=None,
-                        help="initial depth (default: a quarter of the profile's depth, NTNG's 4 of 16 / 3 of 12)")
-    parser.add_argument("--stacking-growth-fractions", type=_fractions, default="0.125,0.3",
-                        help="comma-separated budget fractions of the growth events")
-    parser.add_argument("--stacking-growth", choices=["double", "add"], default="double")
-    parser.add_argument("--stacking-add-layers", type=int, default=None, help="layers per 'add' event")
-
-
-@register_planner("stacking", _planner_options)
-def plan_stacking(settings: PlanSettings, progress: float) -> UpdateCost:
-    """Every micro-batch of an update runs forward+backward at the schedule's depth."""
-    return update_cost(settings, progress, planner_schedule(settings))
+    def expected_update_cost(self, settings: PlanSettings, progress: float, update: int = 0) -> UpdateCost:
+        """Every micro-batch of the update at the schedule's depth at ``progress``."""
+        self.schedule.check_full_depth(full_depth(settings, "LayerStacking"))
+        return trained_update_cost(settings, {self.schedule.depth_at(progress): 1.0})

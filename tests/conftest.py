@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -158,3 +159,59 @@ def fit_tiny(module, callbacks: list, tmp_path: Path, ckpt_path=None, **trainer_
     trainer = Trainer(callbacks=callbacks, **{**settings, **trainer_kwargs})
     trainer.fit(module, datamodule=RandomMLMData.make(), ckpt_path=ckpt_path)
     return trainer
+
+
+def plan_hours(method, settings, budget_hours: float, stop_rule: str = "after_crossing") -> dict:
+    """``ntng plan``'s counts for ``method`` (a method callback, or None for the baseline) at an RST budget."""
+    from app.accounting.clock import Budget
+    from app.commands.plan import plan_method
+
+    return plan_method(method, "method", settings, Budget(budget_hours, "rst_hours"), stop_rule).result
+
+
+class PassRecorder(Callback):
+    """A test callback that records every pass the network runs in training, independently of the clock.
+
+    A forward hook on the HF base model sees every forward (training, scoring, Hessian passes); each
+    is recorded with its kind (gradient on: forward+backward), tokens and active depth; validation
+    passes are not charged and are skipped. Optimizer steps are recorded with the share of
+    parameters that had a gradient. :meth:`reference_seconds` prices them all with a profile.
+    """
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[str, int, dict[str, int]]] = []
+        self.steps: list[tuple[str, float]] = []
+        self._handle = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def record(module, args, kwargs):
+            if trainer.validating or trainer.sanity_checking:
+                return
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            kind = "forward_backward" if torch.is_grad_enabled() else "forward"
+            self.passes.append((kind, int(input_ids.numel()), pl_module.layers.active_depth()))
+
+        self._handle = pl_module.model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        share = sum(p.numel() for p in params if p.grad is not None) / sum(p.numel() for p in params)
+        self.steps.append((type(optimizer).__name__, share))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._handle.remove()
+
+    def reference_seconds(self, profile) -> float:
+        """What the recorded passes and steps cost under ``profile``."""
+        passes = sum(profile.seconds(kind, tokens, depth) for kind, tokens, depth in self.passes)
+        return passes + sum(profile.optimizer_step_seconds.get(name, 0.0) * share for name, share in self.steps)
+
+
+def recipe_fit(configs: list[str], overrides: list[str], ckpt_path=None, callbacks=()):
+    """``ntng fit`` in-process on built recipe objects (plus extra ``callbacks``); returns the built CLI."""
+    from app.recipe import build_recipe
+
+    cli = build_recipe(configs, overrides)
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli

@@ -3,8 +3,6 @@ the irreducible-loss file and ``ntng il-losses``, and the planners."""
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,8 @@ from lightning.pytorch import Callback, Trainer
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
 from callbacks.irreducible_losses import IrreducibleLosses
-from app.accounting.planning import PlanSettings, plan
+from app.accounting.planning import PlanSettings
+from app.commands.plan import profile_settings
 from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.rho_loss import RhoLoss, top_k_rows
@@ -27,7 +26,7 @@ from callbacks.selective_backprop import (
     sample_kept,
 )
 from datamodules.pretraining.datamodule import PretrainingDataModule
-from tests.conftest import REPO_ROOT, TINY_CONFIG, run_cli, tiny_fit_args, write_profile
+from tests.conftest import REPO_ROOT, TINY_CONFIG, plan_hours, run_cli, tiny_fit_args, write_profile
 
 MICRO, SEQ = 8, 32
 
@@ -51,7 +50,7 @@ def test_keep_probability_gives_the_expected_selection_rate(beta, rate):
         kept += len(sample_kept(keep_probabilities(loss_percentiles(history, losses), beta), generator))
         scored += 128
     assert kept / scored == pytest.approx(rate, abs=0.01)
-    assert expected_selection_rate(beta) == pytest.approx(rate)
+    assert expected_selection_rate(beta, "history", 0.5) == pytest.approx(rate)
 
 
 def test_keep_probability_favours_high_losses():
@@ -334,29 +333,29 @@ def test_il_losses_command_uses_the_training_runs_masks(tmp_path, monkeypatch, c
 # -- planners ---------------------------------------------------------------------------------------
 
 
-def bert_settings(**options) -> PlanSettings:
+def bert_settings(selection_rate: float | None = None) -> PlanSettings:
     profile = RSTProfile.load(REPO_ROOT / "configs" / "rst" / "ntng-bert-rtx3090.yaml")
-    return PlanSettings(profile, 1536, 128, 128, "AdamW", argparse.Namespace(**options))
+    return profile_settings(profile, 1536, 128, 128, "AdamW", selection_rate=selection_rate)
 
 
 def test_planners_price_two_forwards_per_trained_micro_batch_at_ntng_defaults():
     settings = bert_settings()
-    baseline = plan("baseline", settings, 24)
-    profile, depth, tokens = settings.profile, settings.full_depth(), settings.micro_batch_tokens
+    baseline = plan_hours(None, settings, 24)
+    profile, depth, tokens = settings.profile, dict(settings.layers), settings.micro_batch_tokens
     per_update = (12 * profile.seconds("forward_backward", tokens, depth) + profile.optimizer_seconds("AdamW", depth)
                   + 24 * profile.seconds("forward", tokens, depth))
-    for method in ("selective_backprop", "rho_loss"):
-        planned = plan(method, settings, 24)
+    for method in (SelectiveBackprop(), RhoLoss()):
+        planned = plan_hours(method, settings, 24)
         assert planned["updates"] == int(np.ceil(24 * 3600 / per_update - 1e-9))
         assert planned["tokens"] == planned["updates"] * 1536 * 128
-    assert plan("selective_backprop", bert_settings(sb_free=True), 24) == baseline
-    assert plan("rho_loss", bert_settings(rho_free=True), 24) == baseline
+    assert plan_hours(SelectiveBackprop(charge_scoring=False), settings, 24) == baseline
+    assert plan_hours(RhoLoss(charge_scoring=False), settings, 24) == baseline
     # beta 2 keeps a third: three forwards per trained micro-batch, fewer updates.
-    assert plan("selective_backprop", bert_settings(sb_beta=2.0), 24)["updates"] < plan("rho_loss", settings, 24)["updates"]
-    assert plan("rho_loss", bert_settings(rho_mega_batch_factor=10.0), 24)["updates"] < baseline["updates"] / 4
+    assert plan_hours(SelectiveBackprop(beta=2.0), settings, 24)["updates"] < plan_hours(RhoLoss(), settings, 24)["updates"]
+    assert plan_hours(RhoLoss(mega_batch_factor=10.0), settings, 24)["updates"] < baseline["updates"] / 4
     # An observed rate replaces the stationary one: a third kept prices like beta 2.
-    assert plan("selective_backprop", bert_settings(sb_selection_rate=1 / 3), 24) == plan(
-        "selective_backprop", bert_settings(sb_beta=2.0), 24)
+    assert plan_hours(SelectiveBackprop(), bert_settings(selection_rate=1 / 3), 24) == plan_hours(
+        SelectiveBackprop(beta=2.0), settings, 24)
 
 
 class RankRecorder(Callback):
@@ -390,6 +389,7 @@ def ddp_fit(data, directory, stop_after=-1, checkpoint=None, ckpt_path=None) -> 
     return [torch.load(directory / f"rank{rank}.pt") for rank in range(2)]
 
 
+@pytest.mark.slow  # two gloo processes: about 20 s
 def test_two_ddp_ranks_take_every_step_on_their_own_candidates_and_resume_exactly(tmp_path):
     data = selection_data(tmp_path, documents=600)  # ~570 examples per rank: the run stays in epoch 0
     full = ddp_fit(data, tmp_path / "full")

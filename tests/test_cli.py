@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,8 @@ import yaml
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from app.accounting.cost_models import RSTProfile
-from app.accounting.planning import PlanSettings, plan
-from tests.conftest import REPO_ROOT, run_cli, tiny_fit_args
+from app.commands.plan import profile_settings
+from tests.conftest import REPO_ROOT, plan_hours, run_cli, tiny_fit_args
 
 RECIPES = sorted(
     p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "rst" not in p.parts and "methods" not in p.parts
@@ -46,7 +45,7 @@ def test_tiny_recipe_trains_end_to_end(tmp_path, monkeypatch, sample_corpus, cap
     run_dir = tmp_path / "runs" / "bert-tiny" / "version_0"
     # The run stopped where the planner says the budget runs out.
     profile = RSTProfile.load(REPO_ROOT / "configs" / "rst" / "tiny-cpu.yaml")
-    expected = plan("baseline", PlanSettings(profile, 16, 16, 64, "AdamW", argparse.Namespace()), 0.00003)
+    expected = plan_hours(None, profile_settings(profile, 16, 16, 64, "AdamW"), 0.00003)
     checkpoint = torch.load(next((run_dir / "checkpoints").glob("*.ckpt")), weights_only=False)
     assert checkpoint["global_step"] == expected["updates"]
     assert checkpoint["reference_clock"]["rst_seconds"] == pytest.approx(expected["rst_hours"] * 3600)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -10,8 +9,9 @@ import pytest
 from app.accounting.clock import Budget, ReferenceClock, budget_spent
 from app.accounting.cost_models import AnalyticFlops, RSTProfile, fit_linear
 from app.errors import ConfigurationError
-from app.accounting.planning import PlanSettings, plan
-from tests.conftest import REPO_ROOT, write_profile
+from app.commands.plan import main as plan_main
+from app.commands.plan import profile_settings
+from tests.conftest import REPO_ROOT, plan_hours, write_profile
 
 PROFILES = REPO_ROOT / "configs" / "rst"
 
@@ -118,8 +118,8 @@ def test_plan_agrees_with_a_simulated_training_loop(profile_name, budget_hours, 
     profile = RSTProfile.load(PROFILES / profile_name)
     batch, micro = (1536, 128) if "bert" in profile_name else (144, 72)
     seq_len = profile.model["seq_len"]
-    settings = PlanSettings(profile, batch, micro, seq_len, "AdamW", argparse.Namespace())
-    planned = plan("baseline", settings, budget_hours, stop_rule)
+    settings = profile_settings(profile, batch, micro, seq_len, "AdamW")
+    planned = plan_hours(None, settings, budget_hours, stop_rule)
     simulated = simulate_training(profile, budget_hours, batch, micro, seq_len, stop_rule)
     assert {k: planned[k] for k in simulated} == simulated
     per_update = planned["rst_hours"] / planned["updates"]
@@ -128,10 +128,10 @@ def test_plan_agrees_with_a_simulated_training_loop(profile_name, budget_hours, 
 
 
 def test_plan_unknown_method_lists_the_known_ones():
-    profile = RSTProfile.load(PROFILES / "ntng-bert-rtx3090.yaml")
-    settings = PlanSettings(profile, 1536, 128, 128, "AdamW", argparse.Namespace())
-    with pytest.raises(ConfigurationError, match="known: .*baseline"):
-        plan("nope", settings, 1.0)
+    args = ["--profile", str(PROFILES / "ntng-bert-rtx3090.yaml"), "--budget-hours", "1", "--batch-size", "1536",
+            "--micro-batch-size", "128", "--method", "nope"]
+    with pytest.raises(ConfigurationError, match=r"--method: invalid choice: 'nope' \(choose from .*'baseline'"):
+        plan_main(args)
 
 
 def test_optimizer_step_cost_scales_with_the_parameters_updated(tmp_path):

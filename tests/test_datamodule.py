@@ -19,7 +19,7 @@ import datamodules.pretraining.blocks as blocks_module
 import datamodules.pretraining.tokenizer as tokenizer_module
 from app.errors import ConfigurationError
 from datamodules.pretraining.corpus import iter_documents, resolve_sources
-from datamodules.pretraining.mlm_masking import mask_tokens
+from datamodules.pretraining.mlm_masking import MASKING_VERSION, MaskedLanguageModeling, mask_tokens
 from datamodules.pretraining.datamodule import PretrainingDataModule, split_example_ids
 from datamodules.pretraining.tokenizer import load_tokenizer
 
@@ -264,6 +264,32 @@ def test_masked_batches_match_training_batches(tmp_path):
     assert other.example_fingerprint()["mask_seed"] == 1 and other.example_fingerprint()["blocks"] == dm.example_fingerprint()["blocks"]
 
 
+def test_objective_given_or_built_from_the_masking_arguments(tmp_path):
+    legacy = make_dm(tmp_path, mask_seed=2, mlm_probability=0.2)
+    given = make_dm(tmp_path, objective=MaskedLanguageModeling(mlm_probability=0.2, mask_seed=2))
+    for dm in (legacy, given):
+        dm.setup("fit")
+    # Files keyed by example id compare these keys with what earlier versions wrote: exactly these.
+    assert legacy.example_fingerprint() == given.example_fingerprint() == {
+        "blocks": legacy.example_fingerprint()["blocks"], "seq_len": 32, "mask_seed": 2, "mlm_probability": 0.2,
+        "mask_replace_prob": 0.8, "random_replace_prob": 0.1, "masking": MASKING_VERSION,
+    }
+    ids = legacy.train_example_ids[:5]
+    (a,), (b,) = list(legacy.masked_batches(ids, 1, 8)), list(given.masked_batches(ids, 1, 8))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert "objective" not in given.hparams  # checkpoints hold plain values only (weights_only loading)
+    with pytest.raises(ConfigurationError, match="set the masking settings on it"):
+        make_dm(tmp_path, objective=MaskedLanguageModeling(), mask_seed=1)
+    with pytest.raises(ConfigurationError, match="mlm_probability must be in"):
+        make_dm(tmp_path, mlm_probability=0.0)
+    with pytest.raises(ConfigurationError, match="at most 1"):
+        MaskedLanguageModeling(mask_replace_prob=0.8, random_replace_prob=0.3)
+    with pytest.raises(ConfigurationError, match="mask_seed must be >= 0"):
+        make_dm(tmp_path, mask_seed=-1)
+    with pytest.raises(RuntimeError, match="before bind"):
+        MaskedLanguageModeling().collate(0)
+
+
 # ----------------------------------------------------------------------------------------------- masking
 
 
@@ -331,7 +357,7 @@ def test_loaders_and_batch_hook(tmp_path):
     assert batch["input_ids"].shape == (8, 32) and batch["input_ids"].dtype == torch.long
     assert batch["example_ids"].dtype == torch.int64 and batch["example_ids"].shape == (8,)
     assert next(iter(val))["example_ids"].tolist() == dm.val_example_ids[:5].tolist()
-    dm.trainer = SimpleNamespace(training=True, current_epoch=2)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=2, num_training_batches=len(train))
     out = dm.on_before_batch_transfer(dict(batch), 0)
     assert set(out) == {"input_ids", "labels", "example_ids"}
     expected = mask_tokens(batch["input_ids"], batch["example_ids"], dm.collator, seed=0, epoch=2)

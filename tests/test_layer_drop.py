@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -16,8 +15,9 @@ from lightning.pytorch.loggers import Logger
 from app.accounting.clock import budget_spent
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.accounting.planning import PlanSettings, plan
+from app.accounting.planning import PlanSettings
 from app.commands.plan import main as plan_main
+from app.commands.plan import profile_settings
 from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.layer_drop import (
@@ -26,11 +26,10 @@ from callbacks.layer_drop import (
     expected_depth,
     keep_probabilities,
     keep_ratio,
-    plan_layer_drop,
     sample_active_layers,
 )
 from callbacks.sampling import step_generator
-from tests.conftest import REPO_ROOT, fit_tiny, tiny_masked_lm, write_profile
+from tests.conftest import REPO_ROOT, fit_tiny, plan_hours, tiny_masked_lm, write_profile
 
 # Seconds per micro-batch (4 x 16 tokens = the profile's reference tokens) by active depth; not
 # linear, so the total charge identifies the depths that ran.
@@ -43,7 +42,7 @@ T5_PROFILE = REPO_ROOT / "configs" / "rst" / "ntng-t5-a100.yaml"
 
 
 def test_keep_ratio_starts_at_one_and_decays_to_theta_bar():
-    assert keep_ratio(0.0) == 1.0
+    assert keep_ratio(0.0, 0.5, 100.0) == 1.0
     assert keep_ratio(1.0, 0.5, 100.0) == pytest.approx(0.5 + 0.5 * math.exp(-100.0))
     assert keep_ratio(0.05, 0.5, 20.0) == pytest.approx(0.5 + 0.5 * math.exp(-1.0))
     values = [keep_ratio(t / 10, 0.5, 20.0) for t in range(11)]
@@ -53,7 +52,7 @@ def test_keep_ratio_starts_at_one_and_decays_to_theta_bar():
 def test_keep_probabilities_follow_the_paper():
     assert keep_probabilities(0.5, 4) == pytest.approx([0.875, 0.75, 0.625, 0.5])
     assert keep_probabilities(1.0, 4) == [1.0] * 4
-    assert keep_probabilities(0.5, 4, keep_first=True) == pytest.approx([1.0, 0.75, 0.625, 0.5])
+    assert keep_probabilities(0.5, 4, always_active=(0,)) == pytest.approx([1.0, 0.75, 0.625, 0.5])
 
 
 @pytest.mark.parametrize("layers, theta", [(10, 0.5), (16, 0.5), (12, 0.3), (4, 0.9)])
@@ -73,7 +72,7 @@ def test_ntng_unit_test_value():
 
 @pytest.mark.parametrize("keep_first", [False, True])
 def test_depth_distribution_is_exact(keep_first):
-    probabilities = keep_probabilities(0.2, 4, keep_first)
+    probabilities = keep_probabilities(0.2, 4, (0,) if keep_first else ())
     # Brute force over all 2^4 keep masks, the empty mask running all layers.
     brute = [0.0] * 5
     for mask in itertools.product([0, 1], repeat=4):
@@ -107,7 +106,7 @@ def test_sampler_matches_its_probabilities():
 
 
 def test_t5_block_zero_is_never_dropped():
-    probabilities = keep_probabilities(0.01, 4, keep_first=True)
+    probabilities = keep_probabilities(0.01, 4, always_active=(0,))
     draws = [sample_active_layers(probabilities, step_generator(0, step, 0)) for step in range(2000)]
     assert all(kept[0] == 0 for kept in draws)
     assert {len(kept) for kept in draws} >= {1, 2}  # the other blocks do get dropped
@@ -165,10 +164,10 @@ class ProbedModule(MaskedLanguageModel):
         super().__init__(**kwargs)
         self.eval_passes: list[tuple[int, dict]] = []
 
-    def mlm_loss(self, batch):
+    def loss(self, batch):
         if not self.training:
             self.eval_passes.append((self.layers.active_depth()["encoder"], self.layers.output_scales()))
-        return super().mlm_loss(batch)
+        return super().loss(batch)
 
 
 def tiny_module(backbone: str = "roberta-prelayernorm") -> ProbedModule:
@@ -252,7 +251,8 @@ def test_two_ranks_draw_the_same_sets():
     sets = []
     for rank in range(2):
         torch.manual_seed(100 + rank)
-        module = SimpleNamespace(layers=tiny_module().layers, budget_progress=lambda: progress)
+        module = tiny_module()
+        module.budget_progress = lambda: progress
         trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=3, world_size=1, strategy=None)
         method = ProgressiveLayerDrop(seed=5)
         method.setup(trainer, module, "fit")
@@ -265,6 +265,20 @@ def test_two_ranks_draw_the_same_sets():
         sets.append(drawn)
     assert sets[0] == sets[1]
     assert len({tuple(s) for s in sets[0]}) > 1
+
+
+def test_plain_ddp_is_refused_for_layer_drop_and_find_unused_parameters_is_accepted():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from app.modules.budgeted import check_unused_parameter_support
+
+    def trainer(strategy, world_size=2):
+        return SimpleNamespace(callbacks=[ProgressiveLayerDrop()], world_size=world_size, strategy=strategy)
+
+    with pytest.raises(ConfigurationError, match="ProgressiveLayerDrop.*ddp_find_unused_parameters_true"):
+        check_unused_parameter_support(trainer(DDPStrategy()))
+    check_unused_parameter_support(trainer(DDPStrategy(find_unused_parameters=True)))
+    check_unused_parameter_support(trainer(DDPStrategy(), world_size=1))  # one process: no reducer to trip
 
 
 @pytest.mark.parametrize("resample", ["micro_batch", "step"])
@@ -283,29 +297,29 @@ def test_resumed_run_makes_the_same_choices(tmp_path, resample):
 # -- the planner ----------------------------------------------------------------------------------
 
 
-def bert_settings(**options) -> PlanSettings:
-    return PlanSettings(RSTProfile.load(BERT_PROFILE), 1536, 128, 128, "AdamW", argparse.Namespace(**options))
+def bert_settings() -> PlanSettings:
+    return profile_settings(RSTProfile.load(BERT_PROFILE), 1536, 128, 128, "AdamW")
 
 
 def test_planner_buys_more_updates_than_the_baseline():
     settings = bert_settings()
-    baseline, dropped = plan("baseline", settings, 1.0), plan("layer_drop", settings, 1.0)
+    baseline, dropped = plan_hours(None, settings, 1.0), plan_hours(ProgressiveLayerDrop(), settings, 1.0)
     assert dropped["updates"] > 1.25 * baseline["updates"]  # steady state: 11.75 of 16 layers
     assert dropped["tokens"] == dropped["updates"] * 1536 * 128
     # theta_bar = 1 drops nothing: exactly the baseline.
-    assert plan("layer_drop", bert_settings(pld_theta_bar=1.0), 1.0) == baseline
+    assert plan_hours(ProgressiveLayerDrop(theta_bar=1.0), bert_settings(), 1.0) == baseline
 
 
 def test_planner_agrees_with_simulated_runs():
     settings, budget_hours = bert_settings(), 0.1
-    planned = plan("layer_drop", settings, budget_hours)
+    planned = plan_hours(ProgressiveLayerDrop(), settings, budget_hours)
     budget, profile, tokens = budget_hours * 3600.0, settings.profile, settings.micro_batch_tokens
     updates = []
     for seed in range(4):
         spent, step = 0.0, 0
         while not budget_spent(spent, budget):  # the planner's and the budget callback's stop rule
             for micro in range(settings.micro_batches):  # theta read per micro-batch, as the callback does
-                probabilities = keep_probabilities(keep_ratio(spent / budget), 16)
+                probabilities = keep_probabilities(keep_ratio(spent / budget, 0.5, 100.0), 16)
                 kept = sample_active_layers(probabilities, step_generator(seed, step, micro))
                 spent += profile.seconds("forward_backward", tokens, {"encoder": len(kept)})
             step += 1
@@ -315,12 +329,12 @@ def test_planner_agrees_with_simulated_runs():
 
 def test_t5_planner_keeps_block_zero():
     profile = RSTProfile.load(T5_PROFILE)
-    settings = PlanSettings(profile, 144, 72, 512, "AdamWScale", argparse.Namespace(pld_gamma_f=20.0))
-    cost = plan_layer_drop(settings, 1.0)
+    settings = profile_settings(profile, 144, 72, 512, "AdamWScale")
+    cost = ProgressiveLayerDrop(gamma_f=20.0).expected_update_cost(settings, 1.0)
     theta = keep_ratio(1.0, 0.5, 20.0)
 
     def update_seconds(keep_first: bool) -> float:
-        distribution = depth_distribution(keep_probabilities(theta, 12, keep_first))
+        distribution = depth_distribution(keep_probabilities(theta, 12, (0,) if keep_first else ()))
         return 2 * sum(m * profile.seconds("forward_backward", 72 * 512, {"encoder": d, "decoder": d})
                        for d, m in enumerate(distribution) if m)
 
@@ -330,10 +344,10 @@ def test_t5_planner_keeps_block_zero():
 
 def test_plan_command_runs_the_layer_drop_planner(capsys):
     args = ["--profile", str(BERT_PROFILE), "--budget-hours", "0.5", "--batch-size", "1536",
-            "--micro-batch-size", "128", "--method", "layer_drop", "--pld-gamma-f", "20", "--format", "json"]
+            "--micro-batch-size", "128", "--method", "layer_drop", "--layer_drop.gamma_f", "20", "--format", "json"]
     plan_main(args)
     counts = json.loads(capsys.readouterr().out)["layer_drop"]
-    expected = plan("layer_drop", bert_settings(pld_gamma_f=20.0, pld_theta_bar=0.5), 0.5)
+    expected = plan_hours(ProgressiveLayerDrop(gamma_f=20.0, theta_bar=0.5), bert_settings(), 0.5)
     assert counts["updates"] == expected["updates"]
     assert counts["micro_batches"] == expected["micro_batches"]
 

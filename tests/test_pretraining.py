@@ -30,18 +30,18 @@ def test_sparse_head_loss_equals_dense(backbone):
     dense = tiny_model(backbone, sparse_prediction=False).eval()
     dense.load_state_dict(sparse.state_dict())
     batch = mlm_batch()
-    torch.testing.assert_close(sparse.mlm_loss(batch), dense.mlm_loss(batch))
+    torch.testing.assert_close(sparse.loss(batch), dense.loss(batch))
 
 
 def test_one_optimizer_step_lowers_the_loss():
     model = tiny_model()
     optimizer = torch.optim.AdamW(weight_decay_groups(model.model), lr=1e-2)
     batch = mlm_batch()
-    before = model.mlm_loss(batch)
+    before = model.loss(batch)
     before.backward()
     optimizer.step()
     with torch.no_grad():
-        assert model.mlm_loss(batch) < before.detach()
+        assert model.loss(batch) < before.detach()
 
 
 def test_per_example_losses_match_the_batch_loss():
@@ -50,7 +50,7 @@ def test_per_example_losses_match_the_batch_loss():
     per_example = model.per_example_losses(batch)
     counts = (batch["labels"] != -100).sum(1)
     assert per_example.shape == (4,)
-    torch.testing.assert_close((per_example * counts).sum() / counts.sum(), model.mlm_loss(batch).detach())
+    torch.testing.assert_close((per_example * counts).sum() / counts.sum(), model.loss(batch).detach())
 
 
 @pytest.mark.parametrize("backbone", ["bert", "roberta-prelayernorm"])
@@ -136,12 +136,12 @@ def test_lr_adjustments_multiply_the_schedule():
 
 
 def test_updated_fraction_counts_parameters_with_gradients():
-    from app.modules.masked_lm import _updated_fraction
+    from app.modules.budgeted import _updated_fraction
 
     model = tiny_model()
     optimizer = model.configure_optimizers()
     with model.layers.active([0]):
-        model.mlm_loss(mlm_batch()).backward()
+        model.loss(mlm_batch()).backward()
     layer = sum(p.numel() for p in model.layers.layers()[1].parameters())
     total = sum(p.numel() for p in model.model.parameters())
     assert _updated_fraction(optimizer) == pytest.approx(1 - layer / total)

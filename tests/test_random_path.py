@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections import Counter
 from types import SimpleNamespace
@@ -13,8 +12,10 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
-from app.model.layers import LayerAdapter
-from app.accounting.planning import PlanSettings, plan
+from app.accounting.planning import PlanSettings
+from app.commands.plan import profile_settings
+from app.model.layers import LayerAdapter, family_traits
+from app.modules.budgeted import BudgetedModule
 from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.random_path import (
@@ -24,13 +25,12 @@ from callbacks.random_path import (
     keep_probability,
     output_scales,
     path_length_distribution,
-    plan_raptr,
     resolve_schedule,
     sample_path,
     stage_index,
 )
 from callbacks.sampling import step_generator
-from tests.conftest import REPO_ROOT, fit_tiny, tiny_masked_lm, write_profile
+from tests.conftest import REPO_ROOT, fit_tiny, plan_hours, tiny_masked_lm, write_profile
 
 FB_SECONDS = {d: 0.05 + 0.1 * d for d in range(1, 7)}  # per micro-batch of 4 x 16 tokens
 RTX3090 = REPO_ROOT / "configs" / "rst" / "ntng-bert-rtx3090.yaml"
@@ -45,16 +45,31 @@ def fake_trainer(step: int = 0, accumulate: int = 1) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, world_size=1, strategy=None)
 
 
-def prepared(callback: RandomPathTraining, layers: LayerAdapter) -> SimpleNamespace:
-    """A stand-in LightningModule (what the callback uses of it) after ``callback.setup``."""
-    module = SimpleNamespace(layers=layers, progress=0.0, log=lambda *args, **kwargs: None)
-    module.budget_progress = lambda: module.progress
+class AdapterModule(BudgetedModule):
+    """A bare budgeted module around a layer adapter: what the callback uses of a module, with the
+    budget progress set by the test and logging ignored."""
+
+    def __init__(self, layers: LayerAdapter) -> None:
+        super().__init__()
+        self.layers = layers
+        self.progress = 0.0
+
+    def budget_progress(self) -> float:
+        return self.progress
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+
+def prepared(callback: RandomPathTraining, layers: LayerAdapter) -> AdapterModule:
+    """A budgeted module around ``layers`` after ``callback.setup``."""
+    module = AdapterModule(layers)
     callback.setup(fake_trainer(), module, "fit")
     return module
 
 
 def fixed_layers(fixed: list[int], num_layers: int, family: str | None) -> tuple[int, ...]:
-    return resolve_schedule(None, None, fixed, num_layers, family, "subset")[2]
+    return resolve_schedule(None, None, fixed, num_layers, family_traits(family).always_active, "subset")[2]
 
 
 # -- functional core --------------------------------------------------------------------------------
@@ -162,7 +177,7 @@ def test_bad_configurations_for_the_model_fail_at_setup(kwargs, message):
 
 def test_scaling_is_refused_for_post_ln_bert_at_setup():
     layers = six_layer_module("bert").layers
-    with pytest.raises(ConfigurationError, match="use scale: none with bert"):
+    with pytest.raises(ConfigurationError, match="bert is Post-LN: use scale: none"):
         prepared(RandomPathTraining(), layers)
     prepared(RandomPathTraining(scale="none"), layers)  # fine without scaling
 
@@ -198,14 +213,14 @@ class PathRecorder(Callback):
     def on_validation_start(self, trainer, pl_module):
         # Observe inside the loss computation, where the module runs the plain model.
         if not hasattr(pl_module, "_plain_mlm_loss"):
-            pl_module._plain_mlm_loss = pl_module.mlm_loss
+            pl_module._plain_mlm_loss = pl_module.loss
 
             def observed(batch):
                 if trainer.validating:
                     self.validation_scales.append(pl_module.layers.output_scales())
                 return pl_module._plain_mlm_loss(batch)
 
-            pl_module.mlm_loss = observed
+            pl_module.loss = observed
 
 
 def fit(tmp_path, callback, budget_updates=20.0, max_steps=-1, ckpt_path=None, accumulate=2, validate_every=None):
@@ -286,39 +301,42 @@ def test_resumed_run_takes_the_same_paths(tmp_path):
 # -- planner ----------------------------------------------------------------------------------------
 
 
-def rtx3090_settings(**options) -> PlanSettings:
-    namespace = argparse.Namespace(**{"raptr_path_lengths": None, "raptr_stage_fractions": None,
-                                      "raptr_fixed_layers": [0, -1], "raptr_sampling": "subset"} | options)
-    return PlanSettings(RSTProfile.load(RTX3090), 1536, 128, 128, "AdamW", namespace)
+def rtx3090_settings() -> PlanSettings:
+    return profile_settings(RSTProfile.load(RTX3090), 1536, 128, 128, "AdamW")
+
+
+def raptr(**options) -> RandomPathTraining:
+    return RandomPathTraining(**{"path_lengths": None, "stage_fractions": None, "fixed_layers": [0, -1],
+                                 "sampling": "subset"} | options)
 
 
 def test_planner_buys_more_updates_and_matches_a_direct_simulation():
     settings, hours = rtx3090_settings(), 1.0
-    raptr, baseline = plan("raptr", settings, hours), plan("baseline", settings, hours)
-    assert raptr["updates"] > 1.25 * baseline["updates"]
+    planned, baseline = plan_hours(raptr(), settings, hours), plan_hours(None, settings, hours)
+    assert planned["updates"] > 1.25 * baseline["updates"]
     # Direct simulation: each update charges 12 micro-batches at the stage depth 8-11-13-16.
     table, spent, updates, budget = settings.profile.passes["forward_backward"].table, 0.0, 0, hours * 3600
     while spent < budget * (1 - 1e-9):
         spent += 12 * table[[8, 11, 13, 16][min(int(4 * spent / budget), 3)]]
         updates += 1
-    assert raptr["updates"] == updates and raptr["rst_hours"] * 3600 == pytest.approx(spent)
-    assert raptr["tokens"] == updates * 1536 * 128
+    assert planned["updates"] == updates and planned["rst_hours"] * 3600 == pytest.approx(spent)
+    assert planned["tokens"] == updates * 1536 * 128
 
 
 def test_bernoulli_planner_prices_the_expected_path_length():
-    settings = rtx3090_settings(raptr_sampling="bernoulli", raptr_path_lengths=[6, 8, 10, 12, 16])
+    settings, method = rtx3090_settings(), raptr(sampling="bernoulli", path_lengths=[6, 8, 10, 12, 16])
     table, fixed = settings.profile.passes["forward_backward"].table, (0, 15)
     for progress, length in ((0.0, 6), (0.45, 10), (0.8, 16)):
         draws = [len(sample_path(step_generator(2, i, 0), length, 16, fixed, "bernoulli")) for i in range(3000)]
         simulated = 12 * sum(table[n] for n in draws) / len(draws)
-        assert plan_raptr(settings, progress).seconds == pytest.approx(simulated, rel=0.01)
+        assert method.expected_update_cost(settings, progress).seconds == pytest.approx(simulated, rel=0.01)
 
 
 def test_planner_options_on_the_command_line(capsys):
     from app.commands.plan import main
 
     main(["--profile", str(RTX3090), "--budget-hours", "1", "--batch-size", "1536", "--micro-batch-size", "128",
-          "--method", "raptr", "--raptr-path-lengths", "8,16", "--raptr-stage-fractions", "0,0.5", "--format", "json"])
+          "--method", "raptr", "--raptr.path_lengths", "[8,16]", "--raptr.stage_fractions", "[0,0.5]", "--format", "json"])
     short = capsys.readouterr().out
     main(["--profile", str(RTX3090), "--budget-hours", "1", "--batch-size", "1536", "--micro-batch-size", "128",
           "--method", "raptr", "--format", "json"])

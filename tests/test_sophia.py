@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import socket
 
 import pytest
@@ -14,7 +13,8 @@ from lightning.pytorch import Callback, Trainer
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
 from app.model.optimizers import SophiaG
-from app.accounting.planning import PlanSettings, plan
+from app.accounting.planning import PlanSettings
+from app.commands.plan import profile_settings
 from app.modules.masked_lm import MaskedLanguageModel
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.sophia import SophiaHessian, refresh_hessian
@@ -23,6 +23,7 @@ from tests.conftest import (
     RandomMLMData,
     fit_tiny,
     mlm_batch,
+    plan_hours,
     run_cli,
     tiny_fit_args,
     tiny_masked_lm,
@@ -79,7 +80,7 @@ def test_refresh_restores_grads_and_sets_bs_to_loss_tokens():
     module = tiny_module()
     optimizer = module.configure_optimizers()
     batches = [mlm_batch(100, 4, 16, seed=s) for s in (1, 2)]
-    module.mlm_loss(batches[0]).backward()
+    module.loss(batches[0]).backward()
     before = {p: p.grad for p in module.parameters()}
     tokens = refresh_hessian(module, optimizer, batches, charge=False)
     assert tokens == sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -170,6 +171,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+@pytest.mark.slow  # two gloo processes: about 20 s
 def test_two_process_ddp_refresh_averages_the_estimate(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -203,26 +205,26 @@ def test_lion_overlay_trains(tmp_path, monkeypatch, sample_corpus, capsys):
 # -- planners --------------------------------------------------------------------------------------
 
 
-def _settings(profile: str, batch: int, micro: int, seq_len: int, **options) -> PlanSettings:
-    return PlanSettings(RSTProfile.load(REPO_ROOT / "configs" / "rst" / profile), batch, micro, seq_len,
-                        "AdamW", argparse.Namespace(**options))
+def _settings(profile: str, batch: int, micro: int, seq_len: int, optimizer: str = "AdamW") -> PlanSettings:
+    return profile_settings(RSTProfile.load(REPO_ROOT / "configs" / "rst" / profile), batch, micro, seq_len,
+                            optimizer)
 
 
 def test_sophia_planner_buys_five_percent_fewer_updates():
     settings = _settings("ntng-bert-rtx3090.yaml", 1536, 128, 128)
-    baseline = plan("baseline", settings, 24.0)
-    sophia = plan("sophia", settings, 24.0)  # defaults: 6 micro-batches every 10 updates
+    sophia_settings = _settings("ntng-bert-rtx3090.yaml", 1536, 128, 128, "SophiaG")
+    baseline = plan_hours(None, settings, 24.0)
+    sophia = plan_hours(SophiaHessian(), sophia_settings, 24.0)  # defaults: 6 micro-batches every 10 updates
     # +6/120 micro-batches per update: 1/1.05 of the updates.
     assert sophia["updates"] == pytest.approx(baseline["updates"] / 1.05, abs=1)
     assert sophia["micro_batches"] == 12 * sophia["updates"]  # Hessian passes are not trained on
-    free = plan("sophia", _settings("ntng-bert-rtx3090.yaml", 1536, 128, 128, sophia_free=True), 24.0)
+    free = plan_hours(SophiaHessian(charge=False), sophia_settings, 24.0)
     assert free == baseline
-    explicit = _settings("ntng-bert-rtx3090.yaml", 1536, 128, 128, sophia_every_n_steps=10,
-                         sophia_hessian_micro_batches=12)
-    assert plan("sophia", explicit, 24.0)["updates"] == pytest.approx(baseline["updates"] / 1.1, abs=1)
+    explicit = SophiaHessian(every_n_steps=10, hessian_micro_batches=12)
+    assert plan_hours(explicit, sophia_settings, 24.0)["updates"] == pytest.approx(baseline["updates"] / 1.1, abs=1)
 
 
 def test_lion_planner_uses_the_profiles_lion_step_cost():
-    result = plan("lion", _settings("ntng-t5-a100.yaml", 144, 72, 512), 1.0)
+    result = plan_hours(None, _settings("ntng-t5-a100.yaml", 144, 72, 512, "Lion"), 1.0)
     assert result["rst_hours"] * 3600 / result["updates"] == pytest.approx(1.043)
     assert result["updates"] == 3452  # ceil(3600 / 1.043): the crossing update is taken

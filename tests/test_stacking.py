@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import json
 from collections import defaultdict
 
 import pytest
@@ -15,7 +15,9 @@ from app.accounting.clock import budget_spent
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
 from app.model.layers import LayerAdapter
-from app.accounting.planning import PLANNERS, PlanSettings, plan
+from app.accounting.planning import PlanSettings
+from app.commands.plan import main as plan_main
+from app.commands.plan import profile_settings
 from app.modules.masked_lm import MaskedLanguageModel
 from app.model.schedules import OneCycleTriangle
 from callbacks.budget import ReferenceTimeBudget
@@ -26,9 +28,8 @@ from callbacks.stacking import (
     LinearRewarm,
     apply_growth,
     growth_copies,
-    planner_schedule,
 )
-from tests.conftest import REPO_ROOT, fit_tiny, mlm_batch, tiny_masked_lm, write_profile
+from tests.conftest import REPO_ROOT, fit_tiny, mlm_batch, plan_hours, tiny_masked_lm, write_profile
 
 TABLE = {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}  # seconds per micro-batch of 4 x 16 tokens, by depth
 BUDGET_SECONDS = 12.0
@@ -117,7 +118,7 @@ def _trained(layers: int = 4, active: int = 2) -> tuple[MaskedLanguageModel, tor
     module = tiny_module(layers)
     module.layers.set_active_layers(range(active))
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    module.mlm_loss(mlm_batch()).backward()
+    module.loss(mlm_batch()).backward()
     optimizer.step()
     optimizer.zero_grad()
     return module, optimizer
@@ -175,7 +176,7 @@ def test_optimizer_state_policies(policy):
                 assert param not in optimizer.state
                 assert torch.equal(optimizer.state[source[name]]["exp_avg"], before[id(source[name])])
     # The optimizer stays usable: the next step trains all four layers.
-    module.mlm_loss(mlm_batch(seed=1)).backward()
+    module.loss(mlm_batch(seed=1)).backward()
     optimizer.step()
     assert all(_layer_params(module.layers, i)["attention.self.query.weight"] in optimizer.state for i in range(4))
 
@@ -264,9 +265,9 @@ def test_growth_in_a_budgeted_fit(tmp_path):
     assert recorder.micro_depths == [d for d in recorder.depths for _ in range(MICRO_BATCHES)]
     assert trainer.global_step == 12
     assert module.clock.rst_seconds == pytest.approx(sum(MICRO_BATCHES * TABLE[d] for d in recorder.depths))
-    options = argparse.Namespace(stacking_initial_layers=1, stacking_growth_fractions=(0.25, 0.5))
-    settings = PlanSettings(RSTProfile.load(tmp_path / "profile.yaml"), 8, 4, 16, "AdamW", options)
-    assert plan("stacking", settings, BUDGET_SECONDS / 3600)["updates"] == trainer.global_step
+    settings = profile_settings(RSTProfile.load(tmp_path / "profile.yaml"), 8, 4, 16, "AdamW")
+    planned = plan_hours(LayerStacking(initial_layers=1, growth_fractions=(0.25, 0.5)), settings, BUDGET_SECONDS / 3600)
+    assert planned["updates"] == trainer.global_step
     assert list(logger.metrics["method/depth"].values()) == recorder.depths
     events = {step: depth for step, depth in logger.metrics["method/growth_event"].items() if depth}
     assert events == {6: 2.0, 9: 4.0}  # the new depth at the 7th and 10th update, 0 at the others
@@ -331,18 +332,16 @@ def test_resume_continues_identically(tmp_path, rewarmed_run, stop_after):
 # -- planner -----------------------------------------------------------------------------------------
 
 
-def _settings(profile: str, batch: int, micro: int, seq_len: int, *options: str) -> PlanSettings:
-    parser = argparse.ArgumentParser()
-    PLANNERS["stacking"][1](parser)
+def _settings(profile: str, batch: int, micro: int, seq_len: int) -> PlanSettings:
     loaded = RSTProfile.load(REPO_ROOT / "configs" / "rst" / profile)
-    return PlanSettings(loaded, batch, micro, seq_len, "AdamW", parser.parse_args(list(options)))
+    return profile_settings(loaded, batch, micro, seq_len, "AdamW")
 
 
 def test_planner_buys_more_updates_and_matches_a_step_by_step_simulation():
-    settings = _settings("ntng-bert-rtx3090.yaml", 1536, 128, 128)
-    schedule = planner_schedule(settings)
+    settings, stacking = _settings("ntng-bert-rtx3090.yaml", 1536, 128, 128), LayerStacking()
+    schedule = stacking.schedule
     assert schedule.depths() == [4, 8, 16]
-    stacked, baseline = plan("stacking", settings, 24.0), plan("baseline", settings, 24.0)
+    stacked, baseline = plan_hours(stacking, settings, 24.0), plan_hours(None, settings, 24.0)
     assert stacked["updates"] > baseline["updates"]
     table = settings.profile.passes["forward_backward"].table
     budget, spent, updates = 24.0 * 3600, 0.0, 0
@@ -354,11 +353,20 @@ def test_planner_buys_more_updates_and_matches_a_step_by_step_simulation():
     assert stacked["tokens"] == updates * 1536 * 128
 
 
-def test_planner_defaults_and_options_for_t5():
-    assert planner_schedule(_settings("ntng-t5-a100.yaml", 144, 72, 512)).depths() == [3, 6, 12]
-    added = _settings("ntng-t5-a100.yaml", 144, 72, 512, "--stacking-growth=add", "--stacking-add-layers=3",
-                      "--stacking-growth-fractions=0.1,0.2,0.3")  # fmt: skip
-    assert planner_schedule(added).depths() == [3, 6, 9, 12]
-    assert plan("stacking", added, 1.0)["updates"] > plan("baseline", added, 1.0)["updates"]
+def test_planner_defaults_and_options_for_t5(capsys):
+    settings = _settings("ntng-t5-a100.yaml", 144, 72, 512)
+    doubled = LayerStacking(initial_layers=3)  # NTNG's T5 start: 3 of 12 layers
+    assert doubled.schedule.depths() == [3, 6, 12]
+    assert plan_hours(doubled, settings, 1.0)["updates"] > 0
+    added = LayerStacking(initial_layers=3, growth="add", add_layers=3, growth_fractions=(0.1, 0.2, 0.3))
+    assert added.schedule.depths() == [3, 6, 9, 12]
+    assert plan_hours(added, settings, 1.0)["updates"] > plan_hours(None, settings, 1.0)["updates"]
+    # The same options in the flag form of ``ntng plan``.
+    plan_main(["--profile", str(REPO_ROOT / "configs" / "rst" / "ntng-t5-a100.yaml"), "--budget-hours", "1",
+               "--batch-size", "144", "--micro-batch-size", "72", "--seq-len", "512", "--optimizer", "AdamW",
+               "--method", "stacking", "--stacking.initial_layers", "3", "--stacking.growth", "add",
+               "--stacking.add_layers", "3", "--stacking.growth_fractions", "[0.1,0.2,0.3]", "--format", "json"])
+    counts = json.loads(capsys.readouterr().out)["stacking"]
+    assert counts["updates"] == plan_hours(added, settings, 1.0)["updates"]
     with pytest.raises(ConfigurationError, match="must end at"):
-        planner_schedule(_settings("ntng-t5-a100.yaml", 144, 72, 512, "--stacking-initial-layers=4"))
+        plan_hours(LayerStacking(initial_layers=4), settings, 1.0)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from app.errors import ConfigurationError
 
-PassKind = Literal["forward", "forward_backward"]
 PASS_KINDS: tuple[str, ...] = ("forward", "forward_backward")
 SHIPPED_ROOT = Path(__file__).resolve().parents[2]  # the ntng checkout
 SIGNATURE_FIELDS: tuple[str, ...] = ("family", "layers", "hidden", "heads", "ffn", "vocab", "seq_len")

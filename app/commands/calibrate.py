@@ -41,7 +41,7 @@ def calibrate_module(module, batch: dict, forward_context, warmup: int = 3, repe
     """Time passes of a pretraining module at every active depth.
 
     Args:
-        module: a module with ``layers``, ``mlm_loss`` and ``configure_optimizers``.
+        module: a module with ``layers``, ``loss`` and ``configure_optimizers``.
         batch: one masked micro-batch on the module's device.
         forward_context: a context-manager factory for precision (Lightning's precision plugin).
         warmup: untimed runs before timing each measurement.
@@ -56,11 +56,11 @@ def calibrate_module(module, batch: dict, forward_context, warmup: int = 3, repe
 
     def forward() -> None:
         with torch.no_grad(), forward_context():
-            module.mlm_loss(batch)
+            module.loss(batch)
 
     def forward_backward() -> None:
         with forward_context():
-            loss = module.mlm_loss(batch)
+            loss = module.loss(batch)
         loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
@@ -90,7 +90,7 @@ def calibrate_module(module, batch: dict, forward_context, warmup: int = 3, repe
         optimizer.step()
 
     with forward_context():
-        loss = module.mlm_loss(batch)
+        loss = module.loss(batch)
     loss.backward()
     optimizer_seconds = median_seconds(step, warmup, repeats, device)
     optimizer.zero_grad(set_to_none=True)

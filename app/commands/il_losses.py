@@ -23,8 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.accounting.cost_models import RSTProfile
+from app.accounting.planning import PLANNED_UNITS
+from app.commands.plan import plan_method, recipe_settings
 from app.errors import ConfigurationError
 from app.recipe import build_recipe
+from callbacks.budget import ReferenceTimeBudget
+from callbacks.rho_loss import RhoLoss
+from datamodules.pretraining.tokenizer import load_tokenizer, tokenizer_fingerprint
 from callbacks.irreducible_losses import IrreducibleLosses, compute_irreducible_losses, describe_uncharged
 
 
@@ -52,8 +58,6 @@ def uncharged_costs(model_dir: Path, module: Any, profile_path: str | None, exam
     if spent:
         costs["il_model_rst_hours"] = max(spent)
     if profile_path is not None:
-        from app.accounting.cost_models import RSTProfile
-
         profile = RSTProfile.load(profile_path)
         if not profile.check_signature(module.model_signature(), allow_mismatch=True):
             depth = {stack: module.layers.num_layers(stack) for stack in module.layers.stack_names}
@@ -64,40 +68,25 @@ def uncharged_costs(model_dir: Path, module: Any, profile_path: str | None, exam
 def planned_candidate_epochs(cli: Any, data: Any) -> tuple[int, str] | None:
     """Masking epochs a RHO-loss run of this recipe will read candidates from, from its budget.
 
-    The budget buys ``updates`` (``ntng plan --method rho_loss`` for an RST budget; the amount for
-    ``steps``; trained tokens / batch tokens for ``tokens``), each reading ``mega_batch_factor x
-    batch_size`` candidates; an epoch is the training split. ``None`` when the budget cannot be
-    planned (wall-clock or FLOP budgets, no profile).
+    The budget buys ``updates`` (planned as ``ntng plan`` does, priced by the recipe's ``RhoLoss``,
+    or a default one when the recipe has none), each reading ``mega_batch_factor x batch_size``
+    candidates; an epoch is the training split. ``None`` when the budget cannot be planned
+    (no budget, or a wall-clock or FLOP one).
 
     Returns:
         ``(epochs, explanation)``.
     """
-    from app.accounting.cost_models import RSTProfile
-    from app.accounting.planning import PlanSettings, plan
-    from callbacks.budget import ReferenceTimeBudget
-    from callbacks.rho_loss import DEFAULT_MEGA_BATCH_FACTOR, RhoLoss
-
     trainer = cli.trainer
-    budget = next((c for c in trainer.callbacks if isinstance(c, ReferenceTimeBudget)), None)
-    rho = next((c for c in trainer.callbacks if isinstance(c, RhoLoss)), None)
-    factor = rho.mega_batch_factor if rho is not None else DEFAULT_MEGA_BATCH_FACTOR
-    micro = data.hparams.micro_batch_size
-    batch = micro * trainer.accumulate_grad_batches * trainer.world_size
-    if budget is None or budget.budget is None:
+    rho = next((c for c in trainer.callbacks if isinstance(c, RhoLoss)), None) or RhoLoss()
+    budget_callback = next((c for c in trainer.callbacks if isinstance(c, ReferenceTimeBudget)), None)
+    if budget_callback is None or (budget_callback.budget is None and (trainer.max_steps or -1) < 1):
+        return None  # nothing ends the run: no epochs to plan
+    settings, budget, stop_rule = recipe_settings(cli)
+    if budget.unit not in PLANNED_UNITS:
         return None
-    amount, unit = budget.budget.amount, budget.budget.unit
-    if unit == "steps":
-        updates = amount
-    elif unit == "tokens":
-        updates = amount / (batch * data.seq_len)
-    elif unit == "rst_hours" and budget.profile_path is not None:
-        optimizer = type(cli.model.configure_optimizers()).__name__
-        settings = PlanSettings(RSTProfile.load(budget.profile_path), batch, micro, data.seq_len, optimizer,
-                                argparse.Namespace(rho_mega_batch_factor=factor))
-        updates = plan("rho_loss", settings, amount)["updates"]
-    else:
-        return None
-    candidates = updates * batch * factor
+    amount, unit = budget.amount, budget.unit
+    updates = plan_method(rho, "rho_loss", settings, budget, stop_rule).result["updates"]
+    candidates = updates * settings.batch_size * rho.mega_batch_factor
     epochs = max(1, math.ceil(candidates / len(data.train_example_ids)))
     return epochs, (f"the recipe's budget ({amount:g} {unit}) buys ~{updates:,.0f} RHO-loss updates reading "
                     f"~{candidates:,.0f} candidates from {len(data.train_example_ids):,} training examples")
@@ -122,8 +111,6 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     if args.epochs is not None and args.epochs < 1:
         raise ConfigurationError("--epochs must be >= 1")
-
-    from datamodules.pretraining.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     cli = build_recipe(args.config, overrides)
     data, trainer = cli.datamodule, cli.trainer
@@ -154,8 +141,6 @@ def main(argv: list[str]) -> None:
         module, data, epochs, batch_size, trainer.precision_plugin.forward_context,
         report=lambda line: print(line, file=sys.stderr),
     )
-    from callbacks.budget import ReferenceTimeBudget
-
     budgets = [callback for callback in trainer.callbacks if isinstance(callback, ReferenceTimeBudget)]
     profile = budgets[0].profile_path if budgets else None
     provenance = {

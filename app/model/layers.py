@@ -41,6 +41,38 @@ _SUPPORTED = (
     "BERT (Bert*), RoBERTa-PreLayerNorm (RobertaPreLayerNorm*), T5 (T5Model, T5ForConditionalGeneration, "
     "T5EncoderModel), or any model whose base model has an `.encoder.layer` nn.ModuleList"
 )
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What the depth methods must know about a model family, answered here so they never test names.
+
+    Attributes:
+        always_active: layer indices every active set must keep. T5 computes the relative position
+            bias only in block 0 and hands it on; without block 0 the later blocks build an all-zero
+            bias and silently lose all position information.
+        exact_residual_scaling: whether ``x + s * (f(x) - x)`` scales exactly the layer's residual
+            branches (Pre-LN: ``f(x) - x`` is attention + feed-forward). A Post-LN layer ends in a
+            LayerNorm, so ``f(x) - x`` is no residual branch there.
+    """
+
+    always_active: tuple[int, ...] = ()
+    exact_residual_scaling: bool = False
+
+
+FAMILY_TRAITS: dict[str, FamilyTraits] = {
+    "bert": FamilyTraits(),
+    "roberta-prelayernorm": FamilyTraits(exact_residual_scaling=True),
+    "t5": FamilyTraits(always_active=(0,), exact_residual_scaling=True),
+    "encoder": FamilyTraits(),
+}
+
+
+def family_traits(family: str | None) -> FamilyTraits:
+    """The traits of a family by name (an RST profile's ``model.family``); unknown names have none."""
+    return FAMILY_TRAITS.get(family or "", FamilyTraits())
+
+
 # Attribute on the stack's owner module that holds its _Stack, so that every LayerAdapter built on the
 # same model shares one active set and one pair of hooks (two callbacks may each build an adapter).
 _STATE_ATTR = "_ntng_layer_stack"
@@ -118,6 +150,7 @@ class LayerAdapter:
         family: ``"bert"``, ``"roberta-prelayernorm"``, ``"t5"`` or ``"encoder"`` (any other model
             with an ``.encoder.layer`` list).
         stack_names: ``("encoder",)`` or, for T5 encoder-decoder models, ``("encoder", "decoder")``.
+        traits: the family's :class:`FamilyTraits` (layers that must always run, exact output scaling).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -130,6 +163,7 @@ class LayerAdapter:
             ConfigurationError: (a ``ValueError``) if the model is not of a supported family.
         """
         self.family, owners = _find_stacks(model)
+        self.traits = family_traits(self.family)
         self.stack_names: tuple[str, ...] = tuple(owners)
         self._stacks: dict[str, _Stack] = {}
         for name, (owner, attr) in owners.items():
@@ -215,11 +249,11 @@ class LayerAdapter:
             raise ValueError(f"the active set of the {stack} stack must not be empty")
         if len(set(checked)) != len(checked):
             raise ValueError(f"duplicate layer indices in {list(checked)} for the {stack} stack")
-        if self.family == "t5" and 0 not in checked:
+        if missing := [i for i in self.traits.always_active if i not in checked]:
             raise ValueError(
-                f"T5 {stack} active set {sorted(checked)} excludes block 0: block 0 holds the relative "
-                "position bias that every later block reuses, and without it they silently get a zero "
-                "position bias (no position information). Keep block 0 active."
+                f"{self.family} {stack} active set {sorted(checked)} excludes layer(s) {missing}, which must "
+                "always run (T5 block 0 holds the relative position bias that every later block reuses; "
+                "without it they silently get a zero position bias). Keep them active."
             )
         return tuple(sorted(checked))
 
@@ -284,9 +318,9 @@ class LayerAdapter:
         """
         scales = {self._check_index(i, name, "layer index"): float(v)
                   for name in self._selected(stack) for i, v in (scales or {}).items()}
-        if self.family == "bert" and any(v != 1.0 for v in scales.values()):
-            raise ValueError("output scaling needs a Pre-LN layer (x + branch); BERT is Post-LN, use "
-                             "roberta-prelayernorm or disable scaling")
+        if not self.traits.exact_residual_scaling and any(v != 1.0 for v in scales.values()):
+            raise ValueError(f"output scaling needs a Pre-LN layer (x + branch); {self.family} layers are Post-LN "
+                             "(or of unknown shape): use roberta-prelayernorm or disable scaling")
         for name in self._selected(stack):
             state = self._stacks[name]
             if not state.scale_hooks:

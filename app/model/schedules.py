@@ -22,13 +22,6 @@ class LRSchedule:
         raise NotImplementedError
 
 
-class Constant(LRSchedule):
-    """The base learning rate throughout."""
-
-    def __call__(self, progress: float) -> float:
-        return 1.0
-
-
 class OneCycleTriangle(LRSchedule):
     """NTNG's BERT schedule (cramming's ``budget-one-cycle``): 0 -> 1 at ``peak_at``, then -> 0 at 1.
 

@@ -41,11 +41,11 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from app.errors import ConfigurationError
+from app.evaluation.metrics import score
 from datamodules.tasks.spec import Example, TaskSpec, report_name
 
 # Fine-tuning learning rates of NTNG's suites (cramming's GLUE_sane and NTNG's SuperGLUE config).
 SUITE_LEARNING_RATES = {"glue": 4e-5, "superglue": 5e-5}
-HEADS = ("sequence_classification", "multiple_choice")
 
 
 def head_for(spec: TaskSpec, config: Any) -> str:
@@ -201,8 +201,6 @@ class FineTuner(LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        from app.evaluation.metrics import score
-
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_examples"):
             raise RuntimeError("FineTuner validates with a TaskDataModule (predictions are matched to its examples)")

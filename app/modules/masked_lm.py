@@ -1,31 +1,27 @@
-"""``MaskedLanguageModel``: BERT-style masked-LM pretraining as a LightningModule.
+"""``MaskedLanguageModel``: BERT-style masked-LM pretraining, a :class:`BudgetedModule`.
 
-The module is the only place that runs the network, so it is also where the budget clock is
-charged and where callbacks find the small public surface they may use: ``layers`` (the layer
-adapter), ``per_example_losses`` (scoring without gradient) and ``budget_progress``.
+What is masked-LM lives here: the HF model with its sparse prediction head, the loss, per-example
+losses for batch selection and Sophia-G's Hessian pass. The clock, the LR, depth and export are the
+base's (``app.modules.budgeted``).
 """
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from app.model.backbones import build_masked_lm, masked_lm_logits, max_sequence_length
-from app.accounting.clock import ReferenceClock
 from app.errors import ConfigurationError
-from app.model.layers import LayerAdapter, truncated_model
-from app.model.param_groups import weight_decay_groups
-from app.model.schedules import LRSchedule, OneCycleTriangle
+from app.model.backbones import build_masked_lm, masked_lm_logits, max_sequence_length
+from app.model.layers import LayerAdapter
+from app.model.schedules import LRSchedule
+from app.modules.budgeted import BudgetedModule
 
 
-class MaskedLanguageModel(LightningModule):
+class MaskedLanguageModel(BudgetedModule):
     """Masked-LM pretraining of an HF encoder with a sparse prediction head.
 
     Args:
@@ -61,7 +57,7 @@ class MaskedLanguageModel(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: LRSchedule | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, lr_schedule)
         # Objects stay out of hparams: checkpoints load with weights_only=True (config.yaml has them).
         self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
         overrides = dict(config or {})
@@ -95,33 +91,9 @@ class MaskedLanguageModel(LightningModule):
             if isinstance(module, torch.nn.Dropout):
                 module.p = pretraining_dropout
         self.layers = LayerAdapter(self.model)
-        self.optimizer_factory = optimizer
-        self.lr_schedule = lr_schedule or OneCycleTriangle()
         self.sparse_prediction = sparse_prediction
         self.seq_len = seq_len
         self.val_loss = MeanMetric()
-        self.clock: ReferenceClock | None = None
-        # Layers (a prefix of every stack) that make up the model for validation and export;
-        # None means all. Layer stacking grows it; other methods leave it alone.
-        self.model_depth: int | None = None
-        # Extra LR multipliers by name, as functions of budget progress (e.g. a re-warm after growth).
-        self.lr_adjustments: dict[str, Callable[[float], float]] = {}
-        self._stepping = False
-
-    def model_layers(self) -> list[int] | None:
-        """Indices of the layers that make up the model now (``None``: all of them)."""
-        return None if self.model_depth is None else list(range(self.model_depth))
-
-    # -- the clock --------------------------------------------------------------------------------
-
-    def attach_clock(self, clock: ReferenceClock) -> None:
-        """Install the reference clock this module charges for every pass it runs."""
-        self.clock = clock
-
-    def charge(self, kind: str, input_ids: torch.Tensor) -> None:
-        """Pay for one pass over ``input_ids`` at the current active depth (no-op without a clock)."""
-        if self.clock is not None:
-            self.clock.charge(kind, input_ids.numel(), self.layers.active_depth())
 
     @property
     def prediction_head(self) -> torch.nn.Module:
@@ -143,7 +115,7 @@ class MaskedLanguageModel(LightningModule):
 
     # -- the network ------------------------------------------------------------------------------
 
-    def mlm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over all masked tokens of the batch."""
         labels = batch["labels"]
         if self.sparse_prediction:
@@ -167,7 +139,7 @@ class MaskedLanguageModel(LightningModule):
         """
         labels = batch["labels"]
         if charge:
-            self.charge("forward", batch["input_ids"])
+            self.charge("forward", batch["input_ids"].numel())
         logits, targets = masked_lm_logits(
             self.model, self.family, batch["input_ids"], labels, batch.get("attention_mask")
         )
@@ -192,7 +164,7 @@ class MaskedLanguageModel(LightningModule):
             The number of loss tokens (labels != -100) in ``batch``.
         """
         if charge:
-            self.charge("forward_backward", batch["input_ids"])
+            self.charge("forward_backward", batch["input_ids"].numel())
         logits, _ = masked_lm_logits(
             self.model, self.family, batch["input_ids"], batch["labels"], batch.get("attention_mask")
         )
@@ -206,16 +178,16 @@ class MaskedLanguageModel(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Charged before the pass runs, as NTNG does, so progress includes this micro-batch.
-        self.charge("forward_backward", batch["input_ids"])
-        loss = self.mlm_loss(batch)
+        self.charge("forward_backward", batch["input_ids"].numel())
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Evaluation measures the whole model (for stacking: as grown so far), whatever a method has
         # switched off for training; it is never charged to the clock.
-        with self.layers.active(self.model_layers()), self.layers.unscaled():
-            loss = self.mlm_loss(batch)
+        with self.evaluated_model():
+            loss = self.loss(batch)
         self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -232,90 +204,3 @@ class MaskedLanguageModel(LightningModule):
         self.val_loss.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=True)
-
-    # -- optimisation -----------------------------------------------------------------------------
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = self.optimizer_factory(weight_decay_groups(self.model))
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        return optimizer
-
-    def budget_progress(self) -> float:
-        """Fraction of the training budget spent, counting the step now being taken.
-
-        With a budgeted clock this is the clock's progress (whatever a step costs); otherwise the
-        fraction of ``trainer.max_steps`` (or the epochs' steps) taken. Either way it counts what has
-        been charged: at a batch's start the coming update is not included, when the LR is set
-        right before the update it is.
-        """
-        if self.clock is not None and self.clock.budget is not None:
-            return self.clock.progress
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
-            raise ConfigurationError("set trainer.max_steps (or max_epochs) so the LR schedule has an end")
-        return min((self.trainer.global_step + self._stepping) / total, 1.0)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Set the LR right before the update from the progress *including* this step, so the
-        # schedule reaches its final value exactly on the step that spends the budget.
-        if self.clock is not None:
-            self.clock.charge_optimizer_step(type(optimizer).__name__, _updated_fraction(optimizer))
-        self._stepping = True  # the update being taken counts from here on
-        try:
-            progress = self.budget_progress()
-        finally:
-            self._stepping = False
-        multiplier = self.lr_schedule(progress)
-        for adjustment in self.lr_adjustments.values():
-            multiplier *= adjustment(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * multiplier
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.clock is not None:
-            checkpoint["reference_clock"] = self.clock.state_dict()
-        checkpoint["model_depth"] = self.model_depth
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A resumed run continues the same clock exactly (the budget callback attached it in setup).
-        if self.clock is not None and "reference_clock" in checkpoint:
-            self.clock.load_state_dict(checkpoint["reference_clock"])
-        self.model_depth = checkpoint.get("model_depth")
-
-    # -- export -----------------------------------------------------------------------------------
-
-    def export_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        """Write an HF checkpoint (``save_pretrained``) plus the tokenizer, at the model's depth.
-
-        The export holds every layer, or for a stacked model only the layers grown so far (with
-        the config's depth updated). Its config carries the dropout values of ``config`` (for
-        fine-tuning), not the pretraining dropout.
-
-        Args:
-            directory: target directory, created if needed.
-            tokenizer: a tokenizer with ``save_pretrained``, written next to the weights.
-
-        Returns:
-            The directory.
-        """
-        directory = Path(directory)
-        if self.model_depth is not None and self.model_depth < self.layers.num_layers():
-            truncated_model(self.model, self.model_depth).save_pretrained(directory)
-        else:
-            with self.layers.active(None), self.layers.unscaled():
-                self.model.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        return directory
-
-
-def _updated_fraction(optimizer: torch.optim.Optimizer) -> float:
-    """Share of the optimizer's parameter elements that have a gradient (and so get updated)."""
-    total = updated = 0
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            total += param.numel()
-            updated += param.numel() if param.grad is not None else 0
-    return updated / total if total else 1.0

@@ -1,3 +1,4 @@
 """Pretraining data: corpus sources (``corpus``), tokenizers (``tokenizer``), packed blocks with
-stable example ids (``blocks``), the objectives that turn blocks into training examples
-(``mlm_masking``), and the LightningDataModule that puts them together (``datamodule``)."""
+stable example ids (``blocks``), what a pretraining objective provides (``objective``) and the
+masked-LM one (``mlm_masking``), the resumable training order (``sampling``), and the
+LightningDataModule that puts them together (``datamodule``)."""

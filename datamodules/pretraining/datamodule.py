@@ -1,14 +1,17 @@
-"""The masked-LM pretraining data path: sources -> tokenizer -> packed blocks -> masked batches.
+"""The pretraining data path: sources -> tokenizer -> packed blocks -> objective (masked LM) -> batches.
 
 Blocks are ``[CLS] + seq_len-2 stream tokens + [SEP]`` cut from one token stream in which every
 document ends with ``[SEP]``; no padding. A block's example id is its index in the packed
 sequence, stable for the same sources, tokenizer and ``seq_len``. Packed blocks are cached on disk
-(``<cache_dir>/blocks/<fingerprint>/``) so later runs skip tokenization.
+(``<cache_dir>/blocks/<fingerprint>/``) so later runs skip tokenization. The training order is
+seeded per epoch and checkpointed mid-epoch (``sampling``), so a resumed run trains what an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -20,25 +23,30 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
 from datamodules.pretraining import corpus
 from datamodules.pretraining.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
-from datamodules.pretraining.mlm_masking import MASKING_VERSION, MaskingCollate, mask_tokens
+from datamodules.pretraining.mlm_masking import MaskedLanguageModeling
+from datamodules.pretraining.objective import PretrainingObjective
+from datamodules.pretraining.sampling import ResumableLoader, ResumableSampler, TrainingPosition
 from datamodules.pretraining.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
 
 # Bump when the packing or the cache layout changes, so stale caches are never reused.
 FORMAT_VERSION = 1
 
+_MLM_DEFAULTS = {name: p.default for name, p in inspect.signature(MaskedLanguageModeling).parameters.items()}
+
 
 class PretrainingDataModule(LightningDataModule):
-    """Masked-LM pretraining data: packed fixed-length blocks with stable ids, masked per example.
+    """Pretraining data: packed fixed-length blocks with stable ids, made into examples by an objective.
 
-    Batches reaching the model are ``{"input_ids": LongTensor[B, L] (masked), "labels":
-    LongTensor[B, L] (-100 where not masked), "example_ids": LongTensor[B]}``; the loaders yield the
-    unmasked ``input_ids`` and ``example_ids``, and masking happens in ``on_before_batch_transfer``.
+    Batches reaching the model are the objective's ``{"input_ids": LongTensor[B, L], "labels":
+    LongTensor[B, L] (-100 where nothing is predicted), "example_ids": LongTensor[B]}`` (masked LM:
+    masked inputs); the loaders yield the unmodified ``input_ids`` and ``example_ids``, and the
+    objective is applied in ``on_before_batch_transfer``.
 
     Args:
         sources: Local ``.txt`` (blank-line separated documents), ``.jsonl`` or ``.parquet`` files,
@@ -64,10 +72,14 @@ class PretrainingDataModule(LightningDataModule):
         train_split: ``train`` trains on the blocks that are neither validation nor holdout;
             ``holdout`` trains on the holdout instead (the irreducible-loss model's recipe).
         split_seed: Seed of the train/validation/holdout split.
+        shuffle_seed: Seed of the training order (epoch ``e``'s order depends only on it and ``e``);
+            ``None`` uses the run's ``seed_everything`` seed, else 0.
         micro_batch_size: Sequences per micro-batch per device (the optimizer batch is this times
             ``accumulate_grad_batches`` times the number of devices).
         eval_batch_size: Sequences per validation batch; defaults to ``micro_batch_size``.
         num_workers: DataLoader worker processes (kept alive between epochs when positive).
+        objective: How blocks become training examples; ``None`` builds ``MaskedLanguageModeling``
+            from the four settings below, which must then keep their defaults.
         mlm_probability: Fraction of non-special tokens selected for prediction.
         mask_replace_prob: Fraction of selected tokens replaced by [MASK].
         random_replace_prob: Fraction of selected tokens replaced by a random token.
@@ -94,9 +106,11 @@ class PretrainingDataModule(LightningDataModule):
         holdout_fraction: float = 0.0,
         train_split: Literal["train", "holdout"] = "train",
         split_seed: int = 0,
+        shuffle_seed: int | None = None,
         micro_batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        objective: PretrainingObjective | None = None,
         mlm_probability: float = 0.15,
         mask_replace_prob: float = 0.8,
         random_replace_prob: float = 0.1,
@@ -104,7 +118,13 @@ class PretrainingDataModule(LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Checkpoints are loaded with weights_only=True, so only plain values go into hparams.
+        self.save_hyperparameters(ignore=["objective"])
+        masking = {"mlm_probability": mlm_probability, "mask_replace_prob": mask_replace_prob,
+                   "random_replace_prob": random_replace_prob, "mask_seed": mask_seed}
+        if objective is not None and masking != _MLM_DEFAULTS:
+            raise ConfigurationError("objective is given: set the masking settings on it, not on the data module")
+        self.objective = objective if objective is not None else MaskedLanguageModeling(**masking)
         checks = {
             f"seq_len must be at least 8, got {seq_len}": seq_len >= 8,
             "tokenizer_vocab_size must exceed the number of special tokens": tokenizer_vocab_size > len(SPECIAL_TOKENS),
@@ -115,22 +135,23 @@ class PretrainingDataModule(LightningDataModule):
             f"train_split must be train or holdout, got {train_split!r}": train_split in ("train", "holdout"),
             "train_split: holdout needs holdout_fraction > 0": train_split == "train" or holdout_fraction > 0,
             "streaming has no holdout split (holdout_fraction needs cached blocks)": not (streaming and holdout_fraction),
-            "split_seed and mask_seed must be >= 0": min(split_seed, mask_seed) >= 0,
+            "split_seed and shuffle_seed must be >= 0": min(split_seed, shuffle_seed or 0) >= 0,
             "micro_batch_size and eval_batch_size must be >= 1": min(micro_batch_size, eval_batch_size or 1) >= 1,
             "num_workers must be >= 0": num_workers >= 0,
-            f"mlm_probability must be in (0, 1], got {mlm_probability}": 0 < mlm_probability <= 1,
-            "mask_replace_prob and random_replace_prob must be >= 0": min(mask_replace_prob, random_replace_prob) >= 0,
-            "mask_replace_prob + random_replace_prob must be at most 1": mask_replace_prob + random_replace_prob <= 1,
         }
         for message, ok in checks.items():
             if not ok:
                 raise ConfigurationError(message)
-        self._sources = corpus.resolve_sources(sources)
+        # Local sources are resolved now (cheap, and a typo fails at once); hub names only on first
+        # use, so a recipe can be built (``ntng plan``) where its hub corpus cannot be reached.
+        local = [name for name in sources if corpus.looks_like_path(name) or Path(name).expanduser().exists()]
+        local_sources = corpus.resolve_sources(local) if local or not sources else []
+        self._resolved_sources = local_sources if len(local) == len(sources) else None
         if streaming:
-            corpus.check_streamable(self._sources, tokenizer, val_size)
+            corpus.check_streamable(local_sources, tokenizer, val_size)
         self._cache_dir = Path(cache_dir or os.environ.get("NTNG_CACHE_DIR") or "~/.cache/ntng").expanduser()
         self._tokenizer: PreTrainedTokenizerFast | None = None
-        self._collator: DataCollatorForLanguageModeling | None = None
+        self._position: TrainingPosition | None = None  # of the latest resumable training loader
         self._corpus_parts: dict | None = None
         self._train = self._val = None
         # Set by setup(): the memory-mapped blocks (not when streaming) and the split's sorted ids;
@@ -154,6 +175,26 @@ class PretrainingDataModule(LightningDataModule):
         return self._tokenizer
 
     @property
+    def _sources(self) -> list:
+        if self._resolved_sources is None:
+            h = self.hparams
+            self._resolved_sources = corpus.resolve_sources(h.sources)
+        return self._resolved_sources
+
+    @property
+    def planned_vocab_size(self) -> int:
+        """The vocabulary size the model will get, without training a tokenizer: ``len(tokenizer)``
+        for a given one, else ``tokenizer_vocab_size`` (what a trained WordPiece is asked for and
+        reaches on any corpus of realistic size). ``ntng plan`` links the model to it."""
+        return self.vocab_size if self.hparams.tokenizer is not None else self.hparams.tokenizer_vocab_size
+
+    @property
+    def planned_pad_token_id(self) -> int:
+        """The [PAD] id the model will get: the given tokenizer's, else a trained WordPiece's (its first
+        special token)."""
+        return self.pad_token_id if self.hparams.tokenizer is not None else list(SPECIAL_TOKENS).index("pad_token")
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids the model must embed (``len(tokenizer)``, added tokens included)."""
         return len(self.tokenizer)
@@ -168,18 +209,14 @@ class PretrainingDataModule(LightningDataModule):
         """Tokens per block, [CLS] and [SEP] included."""
         return self.hparams.seq_len
 
+    def _bound_objective(self) -> PretrainingObjective:
+        self.objective.bind(self.tokenizer)
+        return self.objective
+
     @property
     def collator(self) -> DataCollatorForLanguageModeling:
-        """transformers' MLM collator holding the masking probabilities (used by ``mask_tokens``)."""
-        if self._collator is None:
-            h = self.hparams
-            self._collator = DataCollatorForLanguageModeling(
-                self.tokenizer,
-                mlm_probability=h.mlm_probability,
-                mask_replace_prob=h.mask_replace_prob,
-                random_replace_prob=h.random_replace_prob,
-            )
-        return self._collator
+        """The masked-LM objective's transformers collator (tokenizer and probabilities of ``mask_tokens``)."""
+        return self._bound_objective().collator
 
     def _corpus_fingerprint(self) -> dict:
         if self._corpus_parts is None:
@@ -257,51 +294,63 @@ class PretrainingDataModule(LightningDataModule):
         rank_zero_info(f"[data] {len(train)} training ({h.train_split} split) / {len(val)} validation blocks{held}")
         self._train, self._val = PackedBlocks(path, train), PackedBlocks(path, val)
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader_options(self) -> dict:
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            # Map-style shuffling draws from torch's global RNG (seeded by seed_everything); Lightning
-            # swaps in a DistributedSampler under DDP. Streams shard themselves and are not shuffled.
-            shuffle=train and not isinstance(dataset, IterableDataset),
-            drop_last=train,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training blocks, ``micro_batch_size`` per batch, incomplete last batch dropped."""
-        return self._loader(self._train, self.hparams.micro_batch_size, train=True)
+        """Shuffled training blocks, ``micro_batch_size`` per batch, incomplete last batch dropped.
+
+        Cached blocks come in a seeded per-epoch order (this rank's share under DDP) from a loader
+        Lightning checkpoints and resumes mid-epoch. Streams shard themselves, are not shuffled and
+        cannot resume mid-epoch: they hold no position to skip to, so a resumed run re-reads them.
+        """
+        h = self.hparams
+        if isinstance(self._train, IterableDataset):
+            self._position = None
+            return DataLoader(self._train, batch_size=h.micro_batch_size, drop_last=True, **self._loader_options())
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = h.shuffle_seed if h.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(self._train, seed, replicas, rank)
+        loader = ResumableLoader(
+            self._train, sampler=sampler, batch_size=h.micro_batch_size, drop_last=True, **self._loader_options()
+        )
+        self._position = loader.position
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation blocks in id order (an empty list when there are none)."""
         if len(self.val_example_ids) == 0:
             return []
-        return self._loader(self._val, self.hparams.eval_batch_size or self.hparams.micro_batch_size, train=False)
+        size = self.hparams.eval_batch_size or self.hparams.micro_batch_size
+        return DataLoader(self._val, batch_size=size, **self._loader_options())
 
     def test_dataloader(self) -> DataLoader | list:
         """The held-out blocks again: a pretraining corpus has one held-out split (``ntng test``)."""
         return self.val_dataloader()
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Mask the batch on the host: training uses the current epoch, everything else epoch 0."""
+        """Apply the objective on the host: training uses the current epoch, everything else epoch 0.
+
+        Lightning calls this as training consumes a batch (after fetching ahead), so training
+        batches are counted here for the loader's checkpointed position.
+        """
         training = self.trainer is not None and self.trainer.training
+        if training and self._position is not None:
+            self._position.advance(self.trainer.current_epoch, self.trainer.num_training_batches)
         epoch = self.trainer.current_epoch if training else 0
-        input_ids, labels = mask_tokens(
-            batch["input_ids"], batch["example_ids"], self.collator, seed=self.hparams.mask_seed, epoch=epoch
-        )
-        return {"input_ids": input_ids, "labels": labels, "example_ids": batch["example_ids"]}
+        return self._bound_objective().apply(batch["input_ids"], batch["example_ids"], epoch)
 
     # -- access by example id (batch-selection methods, irreducible losses) ------------------------
 
     def masked_batches(self, example_ids: np.ndarray, epoch: int, batch_size: int) -> DataLoader:
-        """Masked batches of the given blocks, in the given order, masked as training masks them.
+        """Batches of the given blocks, in the given order, made by the objective as training makes them.
 
-        Row ``i`` of the stream is block ``example_ids[i]`` masked with ``(mask_seed, id, epoch)``:
-        exactly the tensor a training batch holds for that example in that epoch. Masking runs in
-        the loader's workers (``num_workers``). An incomplete last batch is kept.
+        Row ``i`` of the stream is block ``example_ids[i]`` in ``epoch`` (masked LM: masked with
+        ``(mask_seed, id, epoch)``): exactly the tensor a training batch holds for that example in
+        that epoch. The objective runs in the loader's workers (``num_workers``). An incomplete last
+        batch is kept.
 
         Args:
             example_ids: block ids to read, in order.
@@ -316,31 +365,21 @@ class PretrainingDataModule(LightningDataModule):
         """
         if self.hparams.streaming or self._blocks_path is None:
             raise ConfigurationError("access by example id needs cached blocks: set data.streaming=false (and call setup)")
-        workers = self.hparams.num_workers
         return DataLoader(
             PackedBlocks(self._blocks_path, np.asarray(example_ids, dtype=np.int64)),
             batch_size=batch_size,
-            collate_fn=MaskingCollate(self.collator, self.hparams.mask_seed, epoch),
-            num_workers=workers,
+            collate_fn=self._bound_objective().collate(epoch),
+            num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
 
     def example_fingerprint(self) -> dict:
-        """What decides the masked tensor of an example id: the packed blocks and the masking settings.
+        """What decides the training tensors of an example id: the packed blocks and the objective's settings.
 
         Two runs with equal fingerprints give example ``i`` of epoch ``e`` the same input and
         labels (files keyed by example id, such as irreducible losses, check it).
         """
         if self._blocks_path is None:
             raise ConfigurationError("example_fingerprint needs cached blocks: set data.streaming=false (and call setup)")
-        h = self.hparams
-        return {
-            "blocks": self._blocks_path.parent.name,
-            "seq_len": h.seq_len,
-            "mask_seed": h.mask_seed,
-            "mlm_probability": h.mlm_probability,
-            "mask_replace_prob": h.mask_replace_prob,
-            "random_replace_prob": h.random_replace_prob,
-            "masking": MASKING_VERSION,
-        }
+        return {"blocks": self._blocks_path.parent.name, "seq_len": self.seq_len, **self.objective.fingerprint()}
 

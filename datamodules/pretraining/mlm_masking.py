@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import DataCollatorForLanguageModeling
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+from app.errors import ConfigurationError
+from datamodules.pretraining.objective import PretrainingObjective
 
 
 def example_seed(seed: int, example_id: int, epoch: int) -> int:
@@ -87,3 +90,71 @@ class MaskingCollate:
         example_ids = torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
         masked, labels = mask_tokens(input_ids, example_ids, self.collator, seed=self.seed, epoch=self.epoch)
         return {"input_ids": masked, "labels": labels, "example_ids": example_ids}
+
+
+class MaskedLanguageModeling(PretrainingObjective):
+    """BERT's masked-LM objective; an example's mask depends only on (mask_seed, example id, epoch).
+
+    Args:
+        mlm_probability: Fraction of non-special tokens selected for prediction.
+        mask_replace_prob: Fraction of selected tokens replaced by [MASK].
+        random_replace_prob: Fraction of selected tokens replaced by a random token.
+        mask_seed: Seed of the masking.
+
+    Raises:
+        ConfigurationError: When a probability is out of range or ``mask_seed`` is negative.
+    """
+
+    def __init__(
+        self,
+        mlm_probability: float = 0.15,
+        mask_replace_prob: float = 0.8,
+        random_replace_prob: float = 0.1,
+        mask_seed: int = 0,
+    ) -> None:
+        checks = {
+            f"mlm_probability must be in (0, 1], got {mlm_probability}": 0 < mlm_probability <= 1,
+            "mask_replace_prob and random_replace_prob must be >= 0": min(mask_replace_prob, random_replace_prob) >= 0,
+            "mask_replace_prob + random_replace_prob must be at most 1": mask_replace_prob + random_replace_prob <= 1,
+            f"mask_seed must be >= 0, got {mask_seed}": mask_seed >= 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ConfigurationError(message)
+        self.mlm_probability, self.mask_seed = mlm_probability, mask_seed
+        self.mask_replace_prob, self.random_replace_prob = mask_replace_prob, random_replace_prob
+        self.collator: DataCollatorForLanguageModeling | None = None  # set by bind()
+
+    def bind(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        """Build the transformers collator holding the tokenizer and probabilities (once per tokenizer)."""
+        if self.collator is None or self.collator.tokenizer is not tokenizer:
+            self.collator = DataCollatorForLanguageModeling(
+                tokenizer,
+                mlm_probability=self.mlm_probability,
+                mask_replace_prob=self.mask_replace_prob,
+                random_replace_prob=self.random_replace_prob,
+            )
+
+    def _bound(self) -> DataCollatorForLanguageModeling:
+        if self.collator is None:
+            raise RuntimeError("MaskedLanguageModeling is used before bind(tokenizer)")
+        return self.collator
+
+    def apply(self, input_ids: torch.Tensor, example_ids: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """Mask a batch with ``mask_tokens``; see :meth:`PretrainingObjective.apply`."""
+        masked, labels = mask_tokens(input_ids, example_ids, self._bound(), seed=self.mask_seed, epoch=epoch)
+        return {"input_ids": masked, "labels": labels, "example_ids": example_ids}
+
+    def collate(self, epoch: int) -> MaskingCollate:
+        """A :class:`MaskingCollate` for ``epoch``; see :meth:`PretrainingObjective.collate`."""
+        return MaskingCollate(self._bound(), self.mask_seed, epoch)
+
+    def fingerprint(self) -> dict:
+        """The seed, the probabilities and ``MASKING_VERSION`` (no ``"objective"`` key, see the base)."""
+        return {
+            "mask_seed": self.mask_seed,
+            "mlm_probability": self.mlm_probability,
+            "mask_replace_prob": self.mask_replace_prob,
+            "random_replace_prob": self.random_replace_prob,
+            "masking": MASKING_VERSION,
+        }

@@ -1,0 +1,254 @@
+"""``BudgetedModule``: the base every pretraining LightningModule shares, and the surface callbacks use.
+
+The module is the only place that runs the network, so it owns the reference clock and charges it
+for every pass it runs; the LR is set from budget progress right before each update; the depth the
+model has for validation and export (``model_depth``) and extra LR multipliers (``lr_adjustments``)
+live here so methods change them through one documented surface. Subclasses add the objective:
+the HF model (``self.model``), its layer adapter (``self.layers``), the loss and the passes that
+batch selection and Sophia need.
+
+The surface callbacks may use, checked once at their setup by :func:`require_budgeted_module`:
+
+============================== ==================================================================
+``layers``                     the :class:`~app.model.layers.LayerAdapter` (active layers, scales,
+                               copies, family traits)
+``charge(kind, tokens)``       pay one pass at the current active depth
+``budget_progress()``          fraction of the budget spent (the LR schedule's input)
+``model_depth``                layers (a prefix) that make up the model for validation and export
+``lr_adjustments``             extra LR multipliers by name, as functions of budget progress
+``model_signature()``          what an RST profile must have been measured for
+``prediction_head``            the head that runs on every prediction (for FLOP counting)
+``loss(batch)``                the objective's mean loss (``ntng calibrate`` times it)
+``per_example_losses(batch)``  no-grad per-example losses (batch selection), optional
+``hessian_pass(batch)``        one Sophia-G GNB pass (``SophiaHessian``), optional
+``export_pretrained(dir)``     the HF export (``HuggingFaceExport``)
+============================== ==================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
+
+from app.accounting.clock import ReferenceClock
+from app.errors import ConfigurationError
+from app.model.layers import LayerAdapter, truncated_model
+from app.model.param_groups import weight_decay_groups
+from app.model.schedules import LRSchedule, OneCycleTriangle
+
+OPTIONAL_PASSES = ("per_example_losses", "hessian_pass")
+
+
+class BudgetedModule(LightningModule):
+    """A LightningModule trained under a reference-time budget (see the module docstring).
+
+    Args:
+        optimizer: optimizer class and arguments; biases and norm weights get no weight decay.
+        lr_schedule: learning-rate multiplier as a function of budget progress.
+    """
+
+    model: torch.nn.Module
+    layers: LayerAdapter
+
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_schedule: LRSchedule | None = None) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule or OneCycleTriangle()
+        self.clock: ReferenceClock | None = None
+        # None means all layers; layer stacking grows it, other methods leave it alone.
+        self.model_depth: int | None = None
+        self.lr_adjustments: dict[str, Callable[[float], float]] = {}
+        self._stepping = False
+
+    # -- what subclasses provide ------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective's mean loss on ``batch`` (with gradient)."""
+        raise NotImplementedError
+
+    def model_signature(self) -> dict[str, Any]:
+        """What an RST profile must have been measured for to price this model."""
+        raise NotImplementedError
+
+    @property
+    def prediction_head(self) -> torch.nn.Module:
+        """The module that runs on every prediction (MLM head, LM head)."""
+        raise NotImplementedError
+
+    def per_example_losses(self, batch: dict[str, torch.Tensor], charge: bool = True) -> torch.Tensor:
+        """Per-example mean loss without gradient (batch selection); charged forward-only when ``charge``."""
+        raise NotImplementedError
+
+    def hessian_pass(self, batch: dict[str, torch.Tensor], charge: bool = True) -> int:
+        """One Sophia-G Gauss-Newton-Bartlett forward+backward; returns the loss tokens of ``batch``."""
+        raise NotImplementedError
+
+    def implements(self, name: str) -> bool:
+        """Whether this module's class provides the optional pass ``name`` (see ``OPTIONAL_PASSES``)."""
+        return getattr(type(self), name) is not getattr(BudgetedModule, name)
+
+    # -- the clock --------------------------------------------------------------------------------
+
+    def attach_clock(self, clock: ReferenceClock) -> None:
+        """Install the reference clock this module charges for every pass it runs."""
+        self.clock = clock
+
+    def charge(self, kind: str, tokens: int) -> None:
+        """Pay for one pass of ``kind`` over ``tokens`` input tokens at the current active depth."""
+        if self.clock is not None:
+            self.clock.charge(kind, tokens, self.layers.active_depth())
+
+    def budget_progress(self) -> float:
+        """Fraction of the training budget spent, counting the step now being taken.
+
+        With a budgeted clock this is the clock's progress (whatever a step costs); otherwise the
+        fraction of ``trainer.max_steps`` (or the epochs' steps) taken. Either way it counts what has
+        been charged: at a batch's start the coming update is not included, when the LR is set
+        right before the update it is.
+        """
+        if self.clock is not None and self.clock.budget is not None:
+            return self.clock.progress
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ConfigurationError("set trainer.max_steps (or max_epochs) so the LR schedule has an end")
+        return min((self.trainer.global_step + self._stepping) / total, 1.0)
+
+    # -- depth ------------------------------------------------------------------------------------
+
+    def model_layers(self) -> list[int] | None:
+        """Indices of the layers that make up the model now (``None``: all of them)."""
+        return None if self.model_depth is None else list(range(self.model_depth))
+
+    @contextlib.contextmanager
+    def evaluated_model(self) -> Iterator[None]:
+        """The whole model as grown so far, unscaled, whatever a method switched off for training."""
+        with self.layers.active(self.model_layers()), self.layers.unscaled():
+            yield
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_unused_parameter_support(self.trainer)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = self.optimizer_factory(weight_decay_groups(self.model))
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        return optimizer
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Set the LR right before the update from the progress *including* this step, so the
+        # schedule reaches its final value exactly on the step that spends the budget.
+        if self.clock is not None:
+            self.clock.charge_optimizer_step(type(optimizer).__name__, _updated_fraction(optimizer))
+        self._stepping = True  # the update being taken counts from here on
+        try:
+            progress = self.budget_progress()
+        finally:
+            self._stepping = False
+        multiplier = self.lr_schedule(progress)
+        for adjustment in self.lr_adjustments.values():
+            multiplier *= adjustment(progress)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.clock is not None:
+            checkpoint["reference_clock"] = self.clock.state_dict()
+        checkpoint["model_depth"] = self.model_depth
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run continues the same clock exactly (the budget callback attached it in setup).
+        if self.clock is not None and "reference_clock" in checkpoint:
+            self.clock.load_state_dict(checkpoint["reference_clock"])
+        self.model_depth = checkpoint.get("model_depth")
+
+    # -- export -----------------------------------------------------------------------------------
+
+    def export_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
+        """Write an HF checkpoint (``save_pretrained``) plus the tokenizer, at the model's depth.
+
+        The export holds every layer, or for a stacked model only the layers grown so far (with
+        the config's depth updated). Its config carries the configured (fine-tuning) dropout.
+
+        Args:
+            directory: target directory, created if needed.
+            tokenizer: a tokenizer with ``save_pretrained``, written next to the weights.
+
+        Returns:
+            The directory.
+        """
+        directory = Path(directory)
+        if self.model_depth is not None and self.model_depth < self.layers.num_layers():
+            truncated_model(self.model, self.model_depth).save_pretrained(directory)
+        else:
+            with self.layers.active(None), self.layers.unscaled():
+                self.model.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
+
+
+def require_budgeted_module(pl_module: LightningModule, user: str, needs: Sequence[str] = ()) -> BudgetedModule:
+    """The one check a callback makes at setup that the module offers what it uses.
+
+    Args:
+        pl_module: the module being trained.
+        user: the callback's name, for the message.
+        needs: optional passes it calls (``OPTIONAL_PASSES``).
+
+    Returns:
+        ``pl_module``, typed.
+
+    Raises:
+        ConfigurationError: naming what is missing.
+    """
+    name = type(pl_module).__name__
+    if not isinstance(pl_module, BudgetedModule):
+        raise ConfigurationError(f"{user} needs a budgeted pretraining module (app.modules.budgeted.BudgetedModule, "
+                                 f"e.g. MaskedLanguageModel); {name} is not one")
+    if missing := [need for need in needs if not pl_module.implements(need)]:
+        raise ConfigurationError(f"{user} needs {' and '.join(missing)}, which {name} does not implement")
+    return pl_module
+
+
+def check_unused_parameter_support(trainer: Any) -> None:
+    """Fail early when DDP would error on layers that get no gradient.
+
+    Methods that leave layers out of some passes declare ``leaves_layers_without_gradient = True``;
+    plain DDP's reducer then errors (or hangs) on their parameters, which
+    ``find_unused_parameters=True`` prevents.
+
+    Raises:
+        ConfigurationError: naming the methods and the fix.
+    """
+    methods = [type(c).__name__ for c in trainer.callbacks if getattr(c, "leaves_layers_without_gradient", False)]
+    strategy = trainer.strategy
+    if not methods or trainer.world_size <= 1 or not isinstance(strategy, DDPStrategy):
+        return
+    # Lightning keeps DDP's constructor arguments only in this private attribute.
+    if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+        raise ConfigurationError(
+            f"{', '.join(methods)} leave some layers without gradients, which plain DDP rejects; "
+            "set trainer.strategy=ddp_find_unused_parameters_true"
+        )
+
+
+def _updated_fraction(optimizer: torch.optim.Optimizer) -> float:
+    """Share of the optimizer's parameter elements that have a gradient (and so get updated)."""
+    total = updated = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            total += param.numel()
+            updated += param.numel() if param.grad is not None else 0
+    return updated / total if total else 1.0
