@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from app.commands import calibrate, finetune, il_losses, plan
+from app.commands import calibrate, finetune, il_losses, plan, report, sweep
 from app.errors import ConfigurationError
 from app.recipe import build_cli
 
@@ -18,6 +18,8 @@ COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "calibrate": calibrate.main,
     "il-losses": il_losses.main,
     "finetune": finetune.main,
+    "sweep": sweep.main,
+    "report": report.main,
 }
 
 

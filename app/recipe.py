@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.export import HuggingFaceExport
-from callbacks.monitoring import TokenThroughput
+from callbacks.monitoring import RunRecord, TokenThroughput
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -37,6 +37,7 @@ class NtngCLI(LightningCLI):
         parser.add_lightning_class_args(ReferenceTimeBudget, "budget")
         parser.add_lightning_class_args(HuggingFaceExport, "export")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+        parser.add_lightning_class_args(RunRecord, "record")
         # The tokenizer decides the vocabulary; the model must agree with it, so link, never repeat.
         for name, source in self.model_links.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{name}", apply_on="instantiate")

@@ -48,6 +48,8 @@ class ReferenceTimeBudget(Callback):
         validate_every_fraction: validate whenever budget progress passes a multiple of this.
         checkpoint_every_hours: save ``checkpoints/rst-<hours>h.ckpt`` at multiples of this RST.
         checkpoint_every_fraction: the same at multiples of budget progress.
+        checkpoint_at_hours: also save ``checkpoints/at-<hours>h.ckpt`` at the first update boundary
+            whose RST reaches each of these (``ntng sweep`` branches shorter budgets' cooldowns from them).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class ReferenceTimeBudget(Callback):
         validate_every_fraction: float | None = None,
         checkpoint_every_hours: float | None = None,
         checkpoint_every_fraction: float | None = None,
+        checkpoint_at_hours: list[float] | None = None,
     ) -> None:
         self.budget = Budget(budget, unit) if budget is not None else None
         if stop_rule not in ("after_crossing", "before_crossing"):
@@ -72,8 +75,11 @@ class ReferenceTimeBudget(Callback):
         self.reference_flops_per_second, self.stop_rule = reference_flops_per_second, stop_rule
         self.validate_every = self._cadence(validate_every_hours, validate_every_fraction)
         self.checkpoint_every = self._cadence(checkpoint_every_hours, checkpoint_every_fraction)
+        self.checkpoint_at_hours = sorted(checkpoint_at_hours or [])
+        if any(hours <= 0 for hours in self.checkpoint_at_hours):
+            raise ConfigurationError(f"checkpoint_at_hours must be positive, got {self.checkpoint_at_hours}")
         self.clock: ReferenceClock | None = None
-        self._marks = {"validate": 0, "checkpoint": 0}  # cadence intervals already passed
+        self._marks = {"validate": 0, "checkpoint": 0, "at_hours": 0}  # cadence intervals, marks passed
         self._spent_at_last_step = 0.0
         self._last_step_cost = 0.0
         self._step_started: float | None = None
@@ -152,6 +158,11 @@ class ReferenceTimeBudget(Callback):
             trainer.val_check_batch = _NEVER
         if self._passed("checkpoint") and not trainer.should_stop:
             trainer.save_checkpoint(self._checkpoint_path(trainer))
+        for hours in self.checkpoint_at_hours[self._marks["at_hours"]:]:
+            if not budget_spent(clock.rst_seconds / 3600.0, hours):
+                break
+            self._marks["at_hours"] += 1
+            trainer.save_checkpoint(self._checkpoint_path(trainer).with_name(f"at-{hours:g}h.ckpt"))
 
     def _should_stop(self) -> bool:
         if self.stop_rule == "after_crossing":
@@ -194,6 +205,6 @@ class ReferenceTimeBudget(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._marks = dict(state_dict["marks"])
+        self._marks = {"at_hours": 0, **state_dict["marks"]}
         self._spent_at_last_step = state_dict["spent_at_last_step"]
         self._last_step_cost = state_dict["last_step_cost"]

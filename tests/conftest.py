@@ -215,3 +215,32 @@ def recipe_fit(configs: list[str], overrides: list[str], ckpt_path=None, callbac
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
+
+
+def run_in_process(command: list[str], log) -> int:
+    """A sweep step's ``ntng`` command run in this process (tests: no interpreter start per step)."""
+    import contextlib
+    import traceback
+
+    from app.cli import main
+
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            main(command[1:])
+            return 0
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        except Exception:  # noqa: BLE001 - a step's crash is its exit code, as in a subprocess
+            traceback.print_exc(file=log)
+            return 1
+
+
+class CrashAfter(Callback):
+    """Raise at the end of update ``step`` (a pre-empted run: no export, no summary, checkpoints kept)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash after update {self.step}")

@@ -14,7 +14,7 @@ from app.commands.plan import profile_settings
 from tests.conftest import REPO_ROOT, plan_hours, run_cli, tiny_fit_args
 
 RECIPES = sorted(
-    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "rst" not in p.parts and "methods" not in p.parts
+    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"rst", "methods", "sweeps"} & set(p.parts)
 )
 OVERLAYS = sorted((REPO_ROOT / "configs" / "methods").glob("*.yaml"))
 
