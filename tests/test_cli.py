@@ -14,9 +14,13 @@ from app.commands.plan import profile_settings
 from tests.conftest import REPO_ROOT, plan_hours, run_cli, tiny_fit_args
 
 RECIPES = sorted(
-    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"rst", "methods", "sweeps"} & set(p.parts)
+    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"rst", "methods", "sweeps", "shapes"} & set(p.parts)
 )
 OVERLAYS = sorted((REPO_ROOT / "configs" / "methods").glob("*.yaml"))
+T5_OVERLAYS = sorted([*(REPO_ROOT / "configs" / "t5" / "methods").glob("*.yaml"),
+                      *(REPO_ROOT / "configs" / "t5" / "shapes").glob("*.yaml"),
+                      REPO_ROOT / "configs" / "methods" / "selective_backprop.yaml",
+                      REPO_ROOT / "configs" / "methods" / "rho_loss.yaml"])
 
 
 
@@ -26,6 +30,12 @@ def test_every_recipe_parses(recipe, capsys):
     assert code == 0, err
     resolved = yaml.safe_load(out)
     assert resolved["model"]["class_path"] and resolved["data"]["class_path"]
+
+
+@pytest.mark.parametrize("overlay", T5_OVERLAYS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_t5_overlay_parses_on_the_tiny_t5_recipe(overlay, capsys):
+    code, _, err = run_cli(["fit", "-c", "configs/t5/tiny.yaml", "-c", str(overlay), "--print_config"], capsys)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)

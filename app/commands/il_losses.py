@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
     data.setup("fit")
     model_dir = Path(args.model)
     if (model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.txt").is_file():
-        if tokenizer_fingerprint(load_tokenizer(str(model_dir), data.hparams.lowercase)) != tokenizer_fingerprint(data.tokenizer):
+        if tokenizer_fingerprint(load_tokenizer(str(model_dir), data.hparams.lowercase, roles=data.objective.tokenizer_roles)) != tokenizer_fingerprint(data.tokenizer):
             raise ConfigurationError(f"the IL model in {model_dir} was trained with another tokenizer than this recipe's data")
     module = type(cli.model)(checkpoint=str(model_dir), vocab_size=data.vocab_size,
                              pad_token_id=data.pad_token_id, seq_len=data.seq_len)

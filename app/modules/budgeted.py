@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from torchmetrics.aggregation import MeanMetric
 
 from app.accounting.clock import ReferenceClock
 from app.errors import ConfigurationError
@@ -66,6 +67,7 @@ class BudgetedModule(LightningModule):
         # None means all layers; layer stacking grows it, other methods leave it alone.
         self.model_depth: int | None = None
         self.lr_adjustments: dict[str, Callable[[float], float]] = {}
+        self.val_loss = MeanMetric()
         self._stepping = False
 
     # -- what subclasses provide ------------------------------------------------------------------
@@ -135,6 +137,35 @@ class BudgetedModule(LightningModule):
 
     # -- Lightning hooks --------------------------------------------------------------------------
 
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # Charged before the pass runs, as NTNG does, so progress includes this micro-batch.
+        self.charge("forward_backward", batch["input_ids"].numel())
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Evaluation measures the whole model (for stacking: as grown so far), whatever a method has
+        # switched off for training; it is never charged to the clock.
+        with self.evaluated_model():
+            loss = self.loss(batch)
+        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, prefix: str) -> None:
+        loss = self.val_loss.compute()  # token-weighted mean over the epoch
+        self.val_loss.reset()
+        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=True)
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             check_unused_parameter_support(self.trainer)
@@ -197,6 +228,43 @@ class BudgetedModule(LightningModule):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory
+
+
+def row_means(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of the losses of the tokens that carry a label, in row-major label order.
+
+    Args:
+        token_losses: ``[n]`` losses of the positions where ``labels != -100``, row-major.
+        labels: ``[batch, length]`` labels (-100 where nothing is predicted).
+
+    Returns:
+        ``[batch]`` means; a row without a label gets 0.
+    """
+    rows = (labels != -100).nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, rows, token_losses)
+    return sums / torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
+
+
+def sampled_label_backward(logits: torch.Tensor) -> int:
+    """Sophia-G's Gauss-Newton-Bartlett backward: labels sampled from the model's own distribution.
+
+    The labels are drawn from ``softmax(logits)`` with no gradient through the draw, and the summed
+    cross-entropy on them is back-propagated (``.grad`` accumulates, so a Hessian batch may span
+    micro-batches and ranks before the caller divides by the summed count).
+
+    Args:
+        logits: ``[n, vocab]`` logits of the positions that carry a loss.
+
+    Returns:
+        ``n``, the loss tokens of the pass.
+    """
+    logits = logits.float()
+    if logits.shape[0] == 0:
+        return 0
+    with torch.no_grad():
+        sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
+    torch.nn.functional.cross_entropy(logits, sampled, reduction="sum").backward()
+    return int(sampled.numel())
 
 
 def require_budgeted_module(pl_module: LightningModule, user: str, needs: Sequence[str] = ()) -> BudgetedModule:

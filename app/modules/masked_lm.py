@@ -12,13 +12,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics.aggregation import MeanMetric
 
 from app.errors import ConfigurationError
 from app.model.backbones import build_masked_lm, masked_lm_logits, max_sequence_length
 from app.model.layers import LayerAdapter
+from app.model.shapes import apply_shape
 from app.model.schedules import LRSchedule
-from app.modules.budgeted import BudgetedModule
+from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward
 
 
 class MaskedLanguageModel(BudgetedModule):
@@ -30,6 +30,8 @@ class MaskedLanguageModel(BudgetedModule):
         config: HF config fields for the backbone (``num_hidden_layers``, ``hidden_size``,
             ``num_attention_heads``, ``intermediate_size``, ``max_position_embeddings``, dropout
             probabilities, ...). Dropout values here are the ones exported for fine-tuning.
+        shape: Tay et al.'s shape knobs (``NL``, ``DM``, ``FF``, ``NH``; ``KV`` must be ``DM / NH``;
+            ``app.model.shapes``) applied on top of ``config``.
         checkpoint: an HF-format directory to continue from instead of a fresh model.
         vocab_size: size of the tokenizer's vocabulary (linked from the data module). A fresh
             model gets it; a checkpoint must already have it.
@@ -48,6 +50,7 @@ class MaskedLanguageModel(BudgetedModule):
         self,
         backbone: str = "roberta-prelayernorm",
         config: dict[str, Any] | None = None,
+        shape: dict[str, int] | None = None,
         checkpoint: str | None = None,
         vocab_size: int | None = None,
         pad_token_id: int | None = None,
@@ -60,7 +63,7 @@ class MaskedLanguageModel(BudgetedModule):
         super().__init__(optimizer, lr_schedule)
         # Objects stay out of hparams: checkpoints load with weights_only=True (config.yaml has them).
         self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
-        overrides = dict(config or {})
+        overrides = apply_shape(config or {}, shape, "encoder")
         if checkpoint is None:
             if vocab_size is not None:
                 declared = overrides.setdefault("vocab_size", vocab_size)
@@ -93,7 +96,6 @@ class MaskedLanguageModel(BudgetedModule):
         self.layers = LayerAdapter(self.model)
         self.sparse_prediction = sparse_prediction
         self.seq_len = seq_len
-        self.val_loss = MeanMetric()
 
     @property
     def prediction_head(self) -> torch.nn.Module:
@@ -143,11 +145,7 @@ class MaskedLanguageModel(BudgetedModule):
         logits, targets = masked_lm_logits(
             self.model, self.family, batch["input_ids"], labels, batch.get("attention_mask")
         )
-        token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        rows = (labels != -100).nonzero()[:, 0]
-        sums = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, rows, token_losses)
-        counts = torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
-        return sums / counts
+        return row_means(F.cross_entropy(logits.float(), targets, reduction="none"), labels)
 
     def hessian_pass(self, batch: dict[str, torch.Tensor], charge: bool = True) -> int:
         """One forward+backward of Sophia-G's Gauss-Newton-Bartlett loss on ``batch``.
@@ -168,39 +166,4 @@ class MaskedLanguageModel(BudgetedModule):
         logits, _ = masked_lm_logits(
             self.model, self.family, batch["input_ids"], batch["labels"], batch.get("attention_mask")
         )
-        logits = logits.float()
-        if logits.shape[0] == 0:
-            return 0
-        with torch.no_grad():
-            sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
-        F.cross_entropy(logits, sampled, reduction="sum").backward()
-        return int(sampled.numel())
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # Charged before the pass runs, as NTNG does, so progress includes this micro-batch.
-        self.charge("forward_backward", batch["input_ids"].numel())
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Evaluation measures the whole model (for stacking: as grown so far), whatever a method has
-        # switched off for training; it is never charged to the clock.
-        with self.evaluated_model():
-            loss = self.loss(batch)
-        self.val_loss.update(loss, weight=(batch["labels"] != -100).sum())
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
-    def _log_evaluation(self, prefix: str) -> None:
-        loss = self.val_loss.compute()  # token-weighted mean over the epoch
-        self.val_loss.reset()
-        self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=True)
-        self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=50)), sync_dist=True)
+        return sampled_label_backward(logits)

@@ -1,7 +1,9 @@
 """Packed blocks: cutting a token stream into fixed-length examples, splitting them, reading them back.
 
-A block is ``[CLS] + seq_len-2 stream tokens + [SEP]`` cut from one token stream in which every
-document ends with ``[SEP]``; its example id is its index in the packed sequence.
+A block is ``prefix + body + suffix`` (the objective's :class:`BlockLayout`: masked LM's is
+``[CLS] + seq_len-2 stream tokens + [SEP]``, span corruption's bare stream tokens) cut from one
+token stream in which every document ends with the layout's separator; its example id is its index
+in the packed sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
 from datamodules.pretraining import corpus
+from datamodules.pretraining.objective import BlockLayout
 
 if TYPE_CHECKING:
     from datamodules.pretraining.datamodule import PretrainingDataModule
@@ -26,7 +29,7 @@ _TOKENIZE_BATCH = 1000
 
 
 def tokenize_batch(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens (the packer adds [CLS]/[SEP])."""
+    """Token ids of each text without special tokens (the packer adds the layout's)."""
     # The backend call skips offset mappings and transformers' model_max_length warning on long documents.
     encodings = tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return [encoding.ids for encoding in encodings]
@@ -37,33 +40,34 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 class BlockPacker:
-    """Cut the token stream (every document followed by [SEP]) into ``[CLS] + seq_len-2 tokens + [SEP]`` blocks.
+    """Cut the token stream (every document followed by the separator) into blocks of ``layout``.
 
     Args:
-        tokenizer: Fast tokenizer with [CLS] and [SEP].
-        seq_len: Block length including [CLS] and [SEP].
+        tokenizer: Fast tokenizer.
+        layout: Block length and framing (the objective's).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> None:
-        self.tokenizer, self.width = tokenizer, seq_len - 2
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, layout: BlockLayout) -> None:
+        self.tokenizer, self.layout, self.width = tokenizer, layout, layout.body_length
         self.documents = self.tokens = 0  # totals so far; tokens include the document separators
         self._rest = np.empty(0, dtype=np.int64)
 
     def add(self, texts: list[str]) -> np.ndarray:
-        """Tokenize and append documents; return the blocks completed by them, ``[k, seq_len]`` int64."""
-        cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        """Tokenize and append documents; return the blocks completed by them, ``[k, layout.length]`` int64."""
+        layout = self.layout
         pieces = [self._rest]
         for ids in tokenize_batch(self.tokenizer, texts):
-            pieces += [np.asarray(ids, dtype=np.int64), np.array([sep_id])]
+            pieces += [np.asarray(ids, dtype=np.int64), np.array([layout.separator])]
         stream = np.concatenate(pieces)
         self.documents, self.tokens = self.documents + len(texts), self.tokens + len(stream) - len(self._rest)
         count = len(stream) // self.width
         self._rest = stream[count * self.width :]
         body = stream[: count * self.width].reshape(count, self.width)
-        return np.concatenate([np.full((count, 1), cls_id), body, np.full((count, 1), sep_id)], axis=1)
+        frame = [np.tile(np.asarray(ids, dtype=np.int64), (count, 1)) for ids in (layout.prefix, layout.suffix)]
+        return np.concatenate([frame[0], body, frame[1]], axis=1)
 
     def pack(self, documents: Iterator[str]) -> Iterator[np.ndarray]:
-        """Yield the completed blocks, one ``[k, seq_len]`` array per batch of documents."""
+        """Yield the completed blocks, one ``[k, layout.length]`` array per batch of documents."""
         return (self.add(batch) for batch in _batches(documents, _TOKENIZE_BATCH))
 
 
@@ -134,10 +138,11 @@ class StreamedBlocks(IterableDataset):
 
     def __init__(self, streams: list, module: PretrainingDataModule, train: bool) -> None:
         self.streams, self.tokenizer, self.train, self.options = streams, module.tokenizer, train, module.hparams
+        self.layout = module.block_layout
 
     def _blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         documents = corpus.iter_streamed_documents(self.streams, self.options.text_field, self.options.max_documents)
-        chunks = BlockPacker(self.tokenizer, self.options.seq_len).pack(documents)
+        chunks = BlockPacker(self.tokenizer, self.layout).pack(documents)
         return enumerate(block for chunk in chunks for block in chunk)
 
     def __iter__(self) -> Iterator[dict]:

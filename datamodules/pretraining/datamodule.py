@@ -1,11 +1,13 @@
-"""The pretraining data path: sources -> tokenizer -> packed blocks -> objective (masked LM) -> batches.
+"""The pretraining data path: sources -> tokenizer -> packed blocks -> objective -> batches.
 
-Blocks are ``[CLS] + seq_len-2 stream tokens + [SEP]`` cut from one token stream in which every
-document ends with ``[SEP]``; no padding. A block's example id is its index in the packed
-sequence, stable for the same sources, tokenizer and ``seq_len``. Packed blocks are cached on disk
-(``<cache_dir>/blocks/<fingerprint>/``) so later runs skip tokenization. The training order is
-seeded per epoch and checkpointed mid-epoch (``sampling``), so a resumed run trains what an
-uninterrupted one would have.
+The objective (masked LM, or T5 span corruption) decides the block layout: masked LM's blocks are
+``[CLS] + seq_len-2 stream tokens + [SEP]`` cut from one token stream in which every document ends
+with ``[SEP]``, span corruption's are the raw tokens that corrupt to ``seq_len`` inputs, cut from a
+stream of documents each ending with ``</s>``; no padding. A block's example id is its index in the
+packed sequence, stable for the same sources, tokenizer, ``seq_len`` and objective layout. Packed
+blocks are cached on disk (``<cache_dir>/blocks/<fingerprint>/``) so later runs skip tokenization.
+The training order is seeded per epoch and checkpointed mid-epoch (``sampling``), so a resumed run
+trains what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from app.errors import ConfigurationError
 from datamodules.pretraining import corpus
 from datamodules.pretraining.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
 from datamodules.pretraining.mlm_masking import MaskedLanguageModeling
-from datamodules.pretraining.objective import PretrainingObjective
+from datamodules.pretraining.objective import BlockLayout, PretrainingObjective
 from datamodules.pretraining.sampling import ResumableLoader, ResumableSampler, TrainingPosition
-from datamodules.pretraining.tokenizer import SPECIAL_TOKENS, cached_wordpiece, load_tokenizer, publish, tokenizer_fingerprint
+from datamodules.pretraining.tokenizer import (
+    cached_tokenizer, load_tokenizer, publish, reserved_token_count, tokenizer_fingerprint, trained_pad_token_id,
+)
 
 # Bump when the packing or the cache layout changes, so stale caches are never reused.
 FORMAT_VERSION = 1
@@ -43,21 +47,25 @@ _MLM_DEFAULTS = {name: p.default for name, p in inspect.signature(MaskedLanguage
 class PretrainingDataModule(LightningDataModule):
     """Pretraining data: packed fixed-length blocks with stable ids, made into examples by an objective.
 
-    Batches reaching the model are the objective's ``{"input_ids": LongTensor[B, L], "labels":
-    LongTensor[B, L] (-100 where nothing is predicted), "example_ids": LongTensor[B]}`` (masked LM:
-    masked inputs); the loaders yield the unmodified ``input_ids`` and ``example_ids``, and the
-    objective is applied in ``on_before_batch_transfer``.
+    Batches reaching the model are the objective's ``{"input_ids": LongTensor[B, seq_len], "labels":
+    LongTensor[B, T], "example_ids": LongTensor[B]}`` (masked LM: masked inputs, ``T = seq_len``,
+    labels -100 where nothing is predicted; span corruption: inputs with sentinels, the targets as
+    labels); the loaders yield the unmodified blocks as ``input_ids`` with their ``example_ids``,
+    and the objective is applied in ``on_before_batch_transfer``.
 
     Args:
         sources: Local ``.txt`` (blank-line separated documents), ``.jsonl`` or ``.parquet`` files,
             directories (searched recursively, sorted by path), or hub dataset names.
-        tokenizer: A saved tokenizer directory, a WordPiece ``vocab.txt`` path or a hub name;
-            ``None`` trains a WordPiece tokenizer on the corpus and caches it. That training is not
-            bit-reproducible (tokenizers issue #1794), so the cached copy is the reference: give
-            all nodes one shared ``cache_dir``, or train once and pass the saved directory.
+        tokenizer: A saved tokenizer directory (e.g. a T5 one), a WordPiece ``vocab.txt`` path or a
+            hub name; ``None`` trains the objective's kind of tokenizer on the corpus and caches it
+            (WordPiece for masked LM, Unigram with T5's special tokens for span corruption). That
+            training is not bit-reproducible (tokenizers issue #1794), so the cached copy is the
+            reference: give all nodes one shared ``cache_dir``, or train once and pass the saved
+            directory.
         tokenizer_vocab_size: Vocabulary size when training the tokenizer.
         lowercase: Lowercase text (training a tokenizer or building one from ``vocab.txt``).
-        seq_len: Tokens per block, [CLS] and [SEP] included (at least 8).
+        seq_len: Tokens per example the model sees, at least 8: the block length for masked LM
+            ([CLS] and [SEP] included), the encoder input length for span corruption.
         text_field: Field or column holding the text in ``.jsonl``, ``.parquet`` and hub data.
         hub_config: Configuration name of hub datasets.
         hub_split: Split of hub datasets.
@@ -78,8 +86,9 @@ class PretrainingDataModule(LightningDataModule):
             ``accumulate_grad_batches`` times the number of devices).
         eval_batch_size: Sequences per validation batch; defaults to ``micro_batch_size``.
         num_workers: DataLoader worker processes (kept alive between epochs when positive).
-        objective: How blocks become training examples; ``None`` builds ``MaskedLanguageModeling``
-            from the four settings below, which must then keep their defaults.
+        objective: How blocks are laid out and become training examples (``MaskedLanguageModeling``
+            or ``span_corruption.SpanCorruption``); ``None`` builds ``MaskedLanguageModeling`` from
+            the four settings below, which must otherwise keep their defaults.
         mlm_probability: Fraction of non-special tokens selected for prediction.
         mask_replace_prob: Fraction of selected tokens replaced by [MASK].
         random_replace_prob: Fraction of selected tokens replaced by a random token.
@@ -125,9 +134,10 @@ class PretrainingDataModule(LightningDataModule):
         if objective is not None and masking != _MLM_DEFAULTS:
             raise ConfigurationError("objective is given: set the masking settings on it, not on the data module")
         self.objective = objective if objective is not None else MaskedLanguageModeling(**masking)
+        reserved = reserved_token_count(self.objective.tokenizer_kind)  # of a trained tokenizer
         checks = {
             f"seq_len must be at least 8, got {seq_len}": seq_len >= 8,
-            "tokenizer_vocab_size must exceed the number of special tokens": tokenizer_vocab_size > len(SPECIAL_TOKENS),
+            f"tokenizer_vocab_size must exceed the {reserved} special tokens": tokenizer_vocab_size > reserved,
             "max_documents must be at least 1": max_documents is None or max_documents >= 1,
             f"val_fraction must be in [0, 1), got {val_fraction}": 0 <= val_fraction < 1,
             "val_size and max_val_blocks must be >= 0": min(val_size or 0, max_val_blocks or 0) >= 0,
@@ -165,11 +175,11 @@ class PretrainingDataModule(LightningDataModule):
         if self._tokenizer is None:
             h = self.hparams
             if h.tokenizer is not None:
-                self._tokenizer = load_tokenizer(h.tokenizer, h.lowercase)
+                self._tokenizer = load_tokenizer(h.tokenizer, h.lowercase, self.objective.tokenizer_roles)
             else:
-                key = json.dumps(self._corpus_fingerprint(), sort_keys=True)
-                self._tokenizer = cached_wordpiece(
-                    self._cache_dir, key, h.tokenizer_vocab_size, h.lowercase, self._documents
+                key, kind = json.dumps(self._corpus_fingerprint(), sort_keys=True), self.objective.tokenizer_kind
+                self._tokenizer = cached_tokenizer(
+                    self._cache_dir, key, kind, h.tokenizer_vocab_size, h.lowercase, self._documents
                 )
             rank_zero_info(f"[data] tokenizer: {len(self._tokenizer)} tokens")
         return self._tokenizer
@@ -184,15 +194,17 @@ class PretrainingDataModule(LightningDataModule):
     @property
     def planned_vocab_size(self) -> int:
         """The vocabulary size the model will get, without training a tokenizer: ``len(tokenizer)``
-        for a given one, else ``tokenizer_vocab_size`` (what a trained WordPiece is asked for and
+        for a given one, else ``tokenizer_vocab_size`` (what a trained tokenizer is asked for and
         reaches on any corpus of realistic size). ``ntng plan`` links the model to it."""
         return self.vocab_size if self.hparams.tokenizer is not None else self.hparams.tokenizer_vocab_size
 
     @property
     def planned_pad_token_id(self) -> int:
-        """The [PAD] id the model will get: the given tokenizer's, else a trained WordPiece's (its first
-        special token)."""
-        return self.pad_token_id if self.hparams.tokenizer is not None else list(SPECIAL_TOKENS).index("pad_token")
+        """The pad id the model will get: the given tokenizer's, else the trained one's (0 for
+        WordPiece's [PAD] and Unigram's ``<pad>``)."""
+        if self.hparams.tokenizer is not None:
+            return self.pad_token_id
+        return trained_pad_token_id(self.objective.tokenizer_kind)
 
     @property
     def vocab_size(self) -> int:
@@ -206,8 +218,13 @@ class PretrainingDataModule(LightningDataModule):
 
     @property
     def seq_len(self) -> int:
-        """Tokens per block, [CLS] and [SEP] included."""
+        """Tokens per example the model sees (masked LM: per block; span corruption: encoder inputs)."""
         return self.hparams.seq_len
+
+    @property
+    def block_layout(self) -> BlockLayout:
+        """The objective's block length and framing for this tokenizer and ``seq_len``."""
+        return self.objective.layout(self.tokenizer, self.seq_len)
 
     def _bound_objective(self) -> PretrainingObjective:
         self.objective.bind(self.tokenizer)
@@ -239,8 +256,13 @@ class PretrainingDataModule(LightningDataModule):
 
     def _prepare_blocks(self) -> Path:
         """Return the cache directory of the packed blocks, tokenizing and packing on a miss (idempotent)."""
+        layout = self.block_layout
         parts = {"format": FORMAT_VERSION, **self._corpus_fingerprint(), "seq_len": self.seq_len}
         parts["tokenizer"] = tokenizer_fingerprint(self.tokenizer)
+        # Format 1 fingerprints predate layouts: their blocks are BERT's. Naming only other layouts
+        # keeps existing caches (and the irreducible losses keyed by them) valid.
+        if layout != BlockLayout.bert(self.tokenizer, self.seq_len):
+            parts["layout"] = layout.describe()
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         target = self._cache_dir / "blocks" / digest[:16]
         if (target / "meta.json").is_file():
@@ -248,12 +270,12 @@ class PretrainingDataModule(LightningDataModule):
             return target
         rank_zero_info(f"[data] block cache miss: reading {len(self._sources)} source(s), packing into {target}")
         dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32
-        packer = BlockPacker(self.tokenizer, self.seq_len)
+        packer = BlockPacker(self.tokenizer, layout)
         blocks = np.concatenate([chunk.astype(dtype) for chunk in packer.pack(self._documents())])
         if len(blocks) == 0:
             raise ConfigurationError(
                 f"corpus too small: {packer.tokens} tokens in {packer.documents} documents, "
-                f"one block of seq_len={self.seq_len} needs {self.seq_len - 2}"
+                f"one block of seq_len={self.seq_len} needs {layout.body_length}"
             )
         meta = {"fingerprint": parts, "blocks": len(blocks), "tokens": packer.tokens, "documents": packer.documents}
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -348,13 +370,13 @@ class PretrainingDataModule(LightningDataModule):
         """Batches of the given blocks, in the given order, made by the objective as training makes them.
 
         Row ``i`` of the stream is block ``example_ids[i]`` in ``epoch`` (masked LM: masked with
-        ``(mask_seed, id, epoch)``): exactly the tensor a training batch holds for that example in
-        that epoch. The objective runs in the loader's workers (``num_workers``). An incomplete last
+        ``(mask_seed, id, epoch)``; span corruption: corrupted with ``(seed, id, epoch)``): exactly
+        the tensors a training batch holds for that example in that epoch. The objective runs in the loader's workers (``num_workers``). An incomplete last
         batch is kept.
 
         Args:
             example_ids: block ids to read, in order.
-            epoch: the masking epoch.
+            epoch: the epoch of the masking (corruption).
             batch_size: rows per batch.
 
         Returns:

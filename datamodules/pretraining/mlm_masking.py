@@ -20,7 +20,8 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
-from datamodules.pretraining.objective import PretrainingObjective
+from datamodules.pretraining.objective import BlockLayout, PretrainingObjective
+from datamodules.pretraining.tokenizer import MLM_ROLES
 
 
 def example_seed(seed: int, example_id: int, epoch: int) -> int:
@@ -95,6 +96,9 @@ class MaskingCollate:
 class MaskedLanguageModeling(PretrainingObjective):
     """BERT's masked-LM objective; an example's mask depends only on (mask_seed, example id, epoch).
 
+    Blocks are ``[CLS] + seq_len-2 stream tokens + [SEP]`` with documents separated by [SEP]; when
+    no tokenizer is given a WordPiece one is trained.
+
     Args:
         mlm_probability: Fraction of non-special tokens selected for prediction.
         mask_replace_prob: Fraction of selected tokens replaced by [MASK].
@@ -104,6 +108,9 @@ class MaskedLanguageModeling(PretrainingObjective):
     Raises:
         ConfigurationError: When a probability is out of range or ``mask_seed`` is negative.
     """
+
+    tokenizer_kind = "wordpiece"
+    tokenizer_roles = MLM_ROLES
 
     def __init__(
         self,
@@ -124,6 +131,10 @@ class MaskedLanguageModeling(PretrainingObjective):
         self.mlm_probability, self.mask_seed = mlm_probability, mask_seed
         self.mask_replace_prob, self.random_replace_prob = mask_replace_prob, random_replace_prob
         self.collator: DataCollatorForLanguageModeling | None = None  # set by bind()
+
+    def layout(self, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> BlockLayout:
+        """BERT's blocks of ``seq_len`` tokens; see :meth:`PretrainingObjective.layout`."""
+        return BlockLayout.bert(tokenizer, seq_len)
 
     def bind(self, tokenizer: PreTrainedTokenizerFast) -> None:
         """Build the transformers collator holding the tokenizer and probabilities (once per tokenizer)."""

@@ -1,4 +1,5 @@
-"""Loading a pretrained tokenizer, or training (and caching) a WordPiece one on the corpus."""
+"""Loading a pretrained tokenizer, or training (and caching) one on the corpus: WordPiece with BERT's
+special tokens for masked LM, Unigram with T5's special tokens and sentinels for span corruption."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
@@ -23,6 +24,24 @@ SPECIAL_TOKENS = {
     "sep_token": "[SEP]",
     "mask_token": "[MASK]",
 }
+# What a trained Unigram tokenizer has, as in T5's vocabulary: these three are ids 0-2, the sentinels
+# the top 100 ids, counting down (``<extra_id_0>`` is the last id).
+UNIGRAM_SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+SENTINELS = [f"<extra_id_{k}>" for k in range(100)]
+# The special tokens by role that open the vocabulary of each kind of trained tokenizer, in id order.
+TRAINED_SPECIAL_TOKENS = {"wordpiece": SPECIAL_TOKENS, "unigram": UNIGRAM_SPECIAL_TOKENS}
+# The roles masked LM needs of a tokenizer (``check_tokenizer``).
+MLM_ROLES = ("mask_token", "pad_token", "cls_token", "sep_token")
+
+
+def reserved_token_count(kind: str) -> int:
+    """Ids a trained tokenizer of ``kind`` reserves for special tokens (sentinels included)."""
+    return len(TRAINED_SPECIAL_TOKENS[kind]) + (len(SENTINELS) if kind == "unigram" else 0)
+
+
+def trained_pad_token_id(kind: str) -> int:
+    """The pad id of a tokenizer of ``kind`` trained by :func:`cached_tokenizer`, known before training."""
+    return list(TRAINED_SPECIAL_TOKENS[kind]).index("pad_token")
 
 
 def _wrap_bert(tokenizer: Tokenizer, lowercase: bool, strip_accents: bool | None) -> PreTrainedTokenizerFast:
@@ -74,13 +93,54 @@ def wordpiece_tokenizer(vocab: dict[str, int], lowercase: bool) -> PreTrainedTok
     return _wrap_bert(_bert_pipeline(wordpiece, lowercase, None), lowercase, None)
 
 
-def load_tokenizer(name: str, lowercase: bool) -> PreTrainedTokenizerFast:
+def train_unigram(texts: Iterable[str], vocab_size: int, lowercase: bool) -> PreTrainedTokenizerFast:
+    """Train a T5-style Unigram tokenizer on ``texts``.
+
+    The pipeline is close to the released T5 tokenizer's: NFKC, every run of whitespace (newlines
+    included, which T5 maps to spaces) one space, stripped ends, ``▁`` word prefixes and ``</s>``
+    appended on encoding.
+
+    Args:
+        texts: The training documents.
+        vocab_size: Target vocabulary size, special tokens and the 100 sentinels included (a small
+            corpus may give fewer pieces).
+        lowercase: Lowercase the text before tokenizing (T5's own tokenizer is cased).
+
+    Returns:
+        The trained tokenizer: ``<pad>`` ``</s>`` ``<unk>`` as ids 0-2, ``<extra_id_99>`` ..
+        ``<extra_id_0>`` as the last 100 ids, the sentinels as its ``extra_special_tokens``.
+    """
+    tokenizer = Tokenizer(models.Unigram())
+    steps = [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = list(UNIGRAM_SPECIAL_TOKENS.values())
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - len(SENTINELS), special_tokens=specials, unk_token=UNIGRAM_SPECIAL_TOKENS["unk_token"]
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # Added in reverse so <extra_id_0> gets the last id, as in T5's vocabulary.
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in reversed(SENTINELS)])
+    eos = UNIGRAM_SPECIAL_TOKENS["eos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.token_to_id(eos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, additional_special_tokens=SENTINELS, **UNIGRAM_SPECIAL_TOKENS
+    )
+
+
+def load_tokenizer(name: str, lowercase: bool, roles: tuple[str, ...] = MLM_ROLES) -> PreTrainedTokenizerFast:
     """Load a tokenizer from a ``vocab.txt`` file, a saved directory or a hub name.
 
     Args:
         name: Path to a WordPiece ``vocab.txt``, a ``save_pretrained`` directory, or a hub name.
         lowercase: Lowercase (and strip accents) when building from a ``vocab.txt``; saved
             tokenizers keep their own setting.
+        roles: Special-token roles the tokenizer must have (the objective's ``tokenizer_roles``).
 
     Returns:
         The checked fast tokenizer.
@@ -105,18 +165,18 @@ def load_tokenizer(name: str, lowercase: bool) -> PreTrainedTokenizerFast:
             ) from err
     else:
         raise ConfigurationError(f"tokenizer not found: {name}")
-    check_tokenizer(tokenizer, name)
+    check_tokenizer(tokenizer, name, roles)
     return tokenizer
 
 
-def check_tokenizer(tokenizer, name: str) -> None:
-    """Raise unless ``tokenizer`` is a fast tokenizer with the tokens BERT-style MLM packing needs."""
+def check_tokenizer(tokenizer, name: str, roles: tuple[str, ...] = MLM_ROLES) -> None:
+    """Raise unless ``tokenizer`` is a fast tokenizer with a token for each of ``roles``."""
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ConfigurationError(f"tokenizer {name!r} is not a fast (tokenizers-backed) tokenizer")
-    for role in ("mask_token", "pad_token", "cls_token", "sep_token"):
+    for role in roles:
         if getattr(tokenizer, f"{role}_id") is None:
             raise ConfigurationError(
-                f"tokenizer {name!r} has no {role.replace('_', ' ')} (masked LM packing needs one)"
+                f"tokenizer {name!r} has no {role.replace('_', ' ')} (the pretraining objective needs one)"
             )
 
 
@@ -125,14 +185,20 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-def cached_wordpiece(
-    cache_dir: Path, corpus_fingerprint: str, vocab_size: int, lowercase: bool, texts: Callable[[], Iterable[str]]
+def cached_tokenizer(
+    cache_dir: Path,
+    corpus_fingerprint: str,
+    kind: str,
+    vocab_size: int,
+    lowercase: bool,
+    texts: Callable[[], Iterable[str]],
 ) -> PreTrainedTokenizerFast:
-    """Load the WordPiece tokenizer trained on this corpus from the cache, training it on a miss.
+    """Load the tokenizer of ``kind`` trained on this corpus from the cache, training it on a miss.
 
     Args:
         cache_dir: Root cache directory; the tokenizer lives in ``tokenizers/<fingerprint>/``.
         corpus_fingerprint: Identifies the training documents.
+        kind: ``"wordpiece"`` (:func:`train_wordpiece`) or ``"unigram"`` (:func:`train_unigram`).
         vocab_size: Target vocabulary size.
         lowercase: Lowercase the text before tokenizing.
         texts: Called on a miss to get the training documents.
@@ -140,19 +206,23 @@ def cached_wordpiece(
     Returns:
         The tokenizer, always as loaded from the cache so every run sees identical objects.
     """
-    key = json.dumps([corpus_fingerprint, vocab_size, lowercase])
+    if kind not in TRAINED_SPECIAL_TOKENS:
+        raise ConfigurationError(f"unknown tokenizer kind {kind!r}: expected {' or '.join(TRAINED_SPECIAL_TOKENS)}")
+    # WordPiece's key predates the other kinds: unchanged, so existing caches stay valid.
+    key = json.dumps([corpus_fingerprint, vocab_size, lowercase] + ([kind] if kind != "wordpiece" else []))
     target = cache_dir / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if target.is_dir():
         rank_zero_info(f"[data] tokenizer cache hit: {target}")
     else:
-        rank_zero_info(f"[data] tokenizer cache miss: training WordPiece (vocab {vocab_size}) -> {target}")
-        tokenizer = train_wordpiece(texts(), vocab_size, lowercase)
+        rank_zero_info(f"[data] tokenizer cache miss: training {kind} (vocab {vocab_size}) -> {target}")
+        train = train_wordpiece if kind == "wordpiece" else train_unigram
+        tokenizer = train(texts(), vocab_size, lowercase)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         tokenizer.save_pretrained(staging)
         publish(staging, target)
     tokenizer = AutoTokenizer.from_pretrained(str(target))
-    check_tokenizer(tokenizer, str(target))
+    check_tokenizer(tokenizer, str(target), tuple(TRAINED_SPECIAL_TOKENS[kind]))
     return tokenizer
 
 
