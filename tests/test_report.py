@@ -340,3 +340,15 @@ def test_a_directory_without_cells_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigurationError, match=r"no sweep cells under .* \(expected .*/cells/<method>/b<budget>"
                                                  r"/s<seed>/cell.json\)"):
         report.write_report(tmp_path, tmp_path / "report")
+
+
+def test_sni_rouge_l_is_a_table_column(tmp_path):
+    from app.evaluation.comparison import downstream_scores
+
+    document = {"suite": "sni", "tasks": {"sni": {"rouge_l": 0.25, "exact_match": 0.1}}, "averages": {},
+                "best_epoch": {"tasks": {"sni": {"rouge_l": 0.3, "exact_match": 0.1}}, "averages": {}}}
+    scores = downstream_scores({"sni": document})
+    assert scores["sni_rouge_l"].value == 0.25 and scores["sni_rouge_l"].missing == ()
+    assert downstream_scores({"sni": document}, epoch="best")["sni_rouge_l"].value == 0.3
+    missing = downstream_scores({"sni": {**document, "tasks": {"sni": {}}}})["sni_rouge_l"]
+    assert missing.value is None and missing.missing == ("sni/rouge_l",)

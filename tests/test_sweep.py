@@ -59,7 +59,7 @@ def weights(root: Path, key: str) -> dict[str, torch.Tensor]:
     ({"recipe": TINY, "budgets": [1], "seeds": [0], "methods": {"x": {"overlay": []}}}, "method x: unknown key"),
     ({"recipe": TINY, "budgets": [1], "seeds": [0], "methods": {"x": {"overlays": ["nope.yaml"]}}}, "not found"),
     ({"recipe": TINY, "budgets": [1], "seeds": [0], "methods": {"b": {}}, "finetune": [{"suite": "xglue"}]},
-     "glue or superglue"),
+     "one of glue, superglue, sni"),
 ])
 def test_a_bad_sweep_file_names_what_is_wrong(tmp_path, document, message):
     path = tmp_path / "bad.yaml"
@@ -68,7 +68,8 @@ def test_a_bad_sweep_file_names_what_is_wrong(tmp_path, document, message):
         SweepSpec.load(path)
 
 
-@pytest.mark.parametrize("name, cells, suites", [("quickstart", 12, 1), ("ntng-bert", 72, 2)])
+@pytest.mark.parametrize("name, cells, suites", [("quickstart", 12, 1), ("ntng-bert", 72, 2), ("quickstart-t5", 12, 1),
+                                                 ("ntng-t5", 45, 1)])
 def test_dry_run_prints_every_step_of_every_cell(name, cells, suites, tmp_path, capsys):
     sweep_main(["-c", str(REPO_ROOT / "configs" / "sweeps" / f"{name}.yaml"), "--output", str(tmp_path), "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
@@ -83,7 +84,7 @@ def test_dry_run_prints_every_step_of_every_cell(name, cells, suites, tmp_path, 
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
-@pytest.mark.parametrize("name", ["quickstart", "ntng-bert"])
+@pytest.mark.parametrize("name", ["quickstart", "ntng-bert", "quickstart-t5", "ntng-t5"])
 def test_every_shipped_sweep_method_parses_as_a_fit(name, tmp_path, capsys):
     spec = SweepSpec.load(REPO_ROOT / "configs" / "sweeps" / f"{name}.yaml")
     runner = SweepRunner(spec, tmp_path)

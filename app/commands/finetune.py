@@ -1,4 +1,4 @@
-"""``ntng finetune``: fine-tune a pretrained checkpoint on every task of GLUE or SuperGLUE.
+"""``ntng finetune``: fine-tune a pretrained checkpoint on every task of GLUE, SuperGLUE or SNI.
 
 Every task and seed starts from a fresh copy of the checkpoint (NTNG's protocol), trains for a
 fixed number of epochs and is evaluated on its dev split(s) after every epoch. The report gives
@@ -6,6 +6,23 @@ the final epoch and, as NTNG does, the best epoch per metric (optimistic: select
 the suite's averages. Diagnostic sets (GLUE AX, SuperGLUE AX-b/AX-g) are never trained on: the
 parent task's model (first seed, final epoch) predicts them. Unlabelled test splits become
 leaderboard submission files, also from the first seed's model.
+
+Encoder checkpoints (BERT, RoBERTa) get classification heads (``app.modules.finetuner``). A T5
+checkpoint (``model_type == "t5"`` or any ``is_encoder_decoder`` config) is fine-tuned
+text-to-text instead (``app.modules.text_to_text``: T5's input strings and label-word targets,
+greedy generation mapped back to labels; ``datamodules.tasks.text_to_text``), into the same files,
+metrics and averages. A generation that is no label word is predicted as -1 (``NO_LABEL``) in
+``predictions/`` and scored wrong; a submission file needs a label, so there it becomes the task's
+first label (counted in the log). ReCoRD is skipped for T5 (reason in the report). Text-to-text
+runs default to ``--max-length 512`` (T5's fine-tuning inputs; BERT's default is 128).
+
+``--suite sni`` (T5 checkpoints only) fine-tunes ONE model on Super-Natural-Instructions task files
+(``--data-dir``: the natural-instructions repository, or any directory of task JSON files;
+``datamodules.tasks.sni``) and reports the task ``sni``: Rouge-L and exact match over every dev
+instance. Defaults follow nanoT5's SNI fine-tuning (NTNG's T5 downstream): 2 epochs, batch 8,
+lr 5e-5 constant (AdamW betas 0.9/0.999), inputs of 1,024 tokens, targets and generations of 128.
+Its predictions (``predictions/sni_dev.jsonl``) are ``{"idx", "task", "prediction", "references",
+"rouge_l"}``.
 
 Outputs under ``--output`` (default ``<model>/finetune-<suite>``)::
 
@@ -25,6 +42,7 @@ skips the task); the reason for a missing file names the task's hub dataset.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -41,16 +59,26 @@ from transformers import AutoTokenizer
 
 from app.model.backbones import MASKED_LM_FAMILIES, max_sequence_length
 from app.errors import ConfigurationError
-from app.evaluation.metrics import score, summarize
+from app.evaluation.metrics import rouge_l, score, summarize
 from app.evaluation.reports import markdown_table, write_predictions, write_results, write_submission
-from app.modules.finetuner import SUITE_LEARNING_RATES, FineTuner, load_config, predict
-from datamodules.tasks.datamodule import TaskDataModule
+from app.modules.finetuner import SUITE_LEARNING_RATES, FineTuner, TaskModule, load_config, predict
+from app.modules.text_to_text import TextToTextFineTuner
+from datamodules.tasks.datamodule import TaskDataModule, is_text_to_text
 from datamodules.tasks.hub import HUB
 from datamodules.tasks.registry import get_task, suite_tasks
-from datamodules.tasks.spec import MissingTaskData, TaskSpec, report_name
+from datamodules.tasks.spec import NO_LABEL, Example, MissingTaskData, TaskSpec, report_name
+from datamodules.tasks.text_to_text import UNSUPPORTED
 
-# NTNG's fine-tuning epochs per suite (cramming GLUE_sane: 5; NTNG SuperGLUE: 10).
-SUITE_EPOCHS = {"glue": 5, "superglue": 10}
+# NTNG's fine-tuning epochs per suite (cramming GLUE_sane: 5; NTNG SuperGLUE: 10; nanoT5 SNI: 2).
+SUITE_EPOCHS = {"glue": 5, "superglue": 10, "sni": 2}
+SUITE_BATCH_SIZES = {"glue": 16, "superglue": 16, "sni": 8}
+# Input tokens: NTNG's BERT 128, T5's fine-tuning 512, nanoT5's SNI sources 1,024.
+DEFAULT_MAX_LENGTH, TEXT_TO_TEXT_MAX_LENGTH, SNI_MAX_LENGTH = 128, 512, 1024
+_SANE_ADAMW = {"name": "AdamW", "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0,
+               "schedule": "cosine", "warmup_fraction": 0.1, "gradient_clipping": None}
+# nanoT5's SNI fine-tuning: transformers' AdamW defaults, constant LR, no warmup.
+SUITE_OPTIMIZERS = {"glue": _SANE_ADAMW, "superglue": _SANE_ADAMW,
+                    "sni": dict(_SANE_ADAMW, betas=[0.9, 0.999], schedule="constant", warmup_fraction=0.0)}
 Runs = dict[str, dict[int, list[dict[str, float]]]]
 
 
@@ -73,28 +101,30 @@ class FinetuneSettings:
     precision: str = "32-true"
     accelerator: str = "auto"
     num_workers: int = 0
-    optimizer: dict[str, Any] = field(
-        default_factory=lambda: {"name": "AdamW", "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.0,
-                                 "schedule": "cosine", "warmup_fraction": 0.1, "gradient_clipping": None}
-    )
+    text_to_text: bool = False
+    optimizer: dict[str, Any] = field(default_factory=lambda: dict(_SANE_ADAMW))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntng finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="HF-format checkpoint directory (with its tokenizer)")
-    parser.add_argument("--suite", required=True, choices=sorted(SUITE_EPOCHS))
+    parser.add_argument("--model", required=True,
+                        help="HF-format checkpoint directory (with its tokenizer); T5 is fine-tuned text-to-text")
+    parser.add_argument("--suite", required=True, choices=sorted(SUITE_EPOCHS),
+                        help="glue, superglue, or sni (Super-Natural-Instructions; T5 checkpoints only)")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="task names, comma- or space-separated (default: every task of the suite)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="fine-tuning seeds (default: 0)")
     parser.add_argument("--data-dir", default=None,
                         help="suite data directory (default: data/<suite>), or 'hub' to read every task from "
-                             "its Hugging Face hub dataset (a local directory named hub: ./hub)")
+                             "its Hugging Face hub dataset (a local directory named hub: ./hub); sni: the "
+                             "natural-instructions repository or a directory of task JSON files")
     parser.add_argument("--output", default=None, help="output directory (default: <model>/finetune-<suite>)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="epochs (default: GLUE 5, SuperGLUE 10)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="epochs (default: GLUE 5, SuperGLUE 10, SNI 2)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default: GLUE 4e-5, SuperGLUE 5e-5)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per input, special tokens included")
+                        help="peak learning rate (default: GLUE 4e-5, SuperGLUE 5e-5, SNI 5e-5)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: 16; SNI 8)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per input, special tokens included (default: 128; T5 512; SNI 1024)")
     parser.add_argument("--max-train-examples", type=int, default=None, help="train on the first N examples")
     parser.add_argument("--max-eval-examples", type=int, default=None,
                         help="evaluate/predict the first N examples of every dev, test and diagnostic split")
@@ -131,6 +161,12 @@ def resolve_settings(args: argparse.Namespace) -> FinetuneSettings:
     model = Path(args.model).expanduser()
     if not (model / "config.json").is_file():
         raise ConfigurationError(f"model directory {model} has no config.json (pass an HF-format checkpoint)")
+    text_to_text = is_text_to_text(load_config(model))
+    if args.suite == "sni" and not text_to_text:
+        raise ConfigurationError(
+            f"--suite sni fine-tunes text-to-text: {model} is not an encoder-decoder (T5) checkpoint")
+    max_length = args.max_length or (SNI_MAX_LENGTH if args.suite == "sni" else
+                                     TEXT_TO_TEXT_MAX_LENGTH if text_to_text else DEFAULT_MAX_LENGTH)
     return FinetuneSettings(
         model=str(model),
         suite=args.suite,
@@ -140,13 +176,15 @@ def resolve_settings(args: argparse.Namespace) -> FinetuneSettings:
         output=str(Path(args.output).expanduser() if args.output else model / f"finetune-{args.suite}"),
         max_epochs=args.max_epochs or SUITE_EPOCHS[args.suite],
         lr=args.lr if args.lr is not None else SUITE_LEARNING_RATES[args.suite],
-        batch_size=args.batch_size,
-        max_length=args.max_length,
+        batch_size=args.batch_size or SUITE_BATCH_SIZES[args.suite],
+        max_length=max_length,
         max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples,
         precision=args.precision,
         accelerator=args.accelerator,
         num_workers=args.num_workers,
+        text_to_text=text_to_text,
+        optimizer=dict(SUITE_OPTIMIZERS[args.suite]),
     )
 
 
@@ -173,7 +211,7 @@ class EpochReport(Callback):
     def __init__(self, task: str, seed: int) -> None:
         self.task, self.seed = task, seed
 
-    def on_validation_end(self, trainer: Trainer, module: FineTuner) -> None:
+    def on_validation_end(self, trainer: Trainer, module: TaskModule) -> None:
         if trainer.sanity_checking:
             return
         parts = []
@@ -250,6 +288,15 @@ class SuiteRun:
             deterministic="warn",  # deterministic kernels where torch has them; no error where not
         )
 
+    def task_module(self, spec: TaskSpec) -> TaskModule:
+        """A fresh fine-tuning module from the checkpoint: text-to-text for T5, else with a task head."""
+        s = self.settings
+        optimizer = {key: s.optimizer[key] for key in ("eps", "weight_decay", "warmup_fraction", "schedule")}
+        optimizer.update(lr=s.lr, betas=tuple(s.optimizer["betas"]))
+        if s.text_to_text:
+            return TextToTextFineTuner(spec, s.model, self.tokenizer, **optimizer)
+        return FineTuner(spec, s.model, **optimizer)
+
     def skip(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
         print(f"skipping {self.settings.suite} {name}: {reason}", flush=True)
@@ -276,6 +323,8 @@ class SuiteRun:
         s = self.settings
         data = self.data_module(spec)
         try:
+            if s.text_to_text and (spec.suite, spec.name) in UNSUPPORTED:
+                raise MissingTaskData(f"not fine-tuned text-to-text: {UNSUPPORTED[spec.suite, spec.name]}")
             data.setup("fit")
         except MissingTaskData as err:
             self.skip(spec.name, str(err))
@@ -291,7 +340,7 @@ class SuiteRun:
         )
         for seed in s.seeds:
             seed_everything(seed, workers=True, verbose=False)
-            module = FineTuner(spec, s.model, lr=s.lr)
+            module = self.task_module(spec)
             trainer = self.trainer(spec.name, seed, steps)
             trainer.fit(module, datamodule=data)
             for key, history in module.history.items():
@@ -299,17 +348,16 @@ class SuiteRun:
             first = seed == s.seeds[0]
             for split, key in data.report_keys.items():
                 suffix = "" if first else f"_seed{seed}"
-                write_predictions(
-                    self.output / "predictions" / f"{key}_dev{suffix}.jsonl",
-                    spec, data.eval_examples[split], module.last_predictions[key],
-                )
+                write = write_generations if spec.kind == "generation" else write_predictions
+                write(self.output / "predictions" / f"{key}_dev{suffix}.jsonl",
+                      spec, data.eval_examples[split], module.last_predictions[key])
             if first:
                 self.write_submissions(spec, data, trainer, module)
                 for diagnostic in diagnostics:
                     self.predict_diagnostic(diagnostic, spec, trainer, module, seed)
             del module, trainer
 
-    def write_submissions(self, spec: TaskSpec, data: TaskDataModule, trainer: Trainer, module: FineTuner) -> None:
+    def write_submissions(self, spec: TaskSpec, data: TaskDataModule, trainer: Trainer, module: TaskModule) -> None:
         """Predict the task's unlabelled test splits into ``submission/``."""
         for split in spec.test_splits:
             try:
@@ -320,12 +368,13 @@ class SuiteRun:
             if not examples or any(example.label is not None for example in examples):
                 continue
             predictions = predict(trainer, module, data.predict_loader(examples), examples)
-            path = write_submission(self.output / "submission", spec, split, examples, predictions)
+            path = write_submission(self.output / "submission", spec, split, examples,
+                                    submittable(spec, split, predictions))
             partial = " (first examples only: --max-eval-examples)" if self.settings.max_eval_examples else ""
             print(f"  {spec.name} {split}: submission {path}{partial}", flush=True)
 
     def predict_diagnostic(
-        self, diagnostic: TaskSpec, parent: TaskSpec, trainer: Trainer, module: FineTuner, seed: int
+        self, diagnostic: TaskSpec, parent: TaskSpec, trainer: Trainer, module: TaskModule, seed: int
     ) -> None:
         """Predict a diagnostic set with its parent's model; score it when labelled."""
         if diagnostic.kind != parent.kind or len(diagnostic.label_names) != len(parent.label_names):
@@ -353,7 +402,7 @@ class SuiteRun:
                       + " ".join(f"{m}={_fmt(v)}" for m, v in metrics.items()), flush=True)
             if split in diagnostic.test_splits:
                 write_submission(self.output / "submission", diagnostic, split, examples,
-                                 [int(p) for p in predictions])
+                                 [int(p) for p in submittable(diagnostic, split, predictions)])
         if not found:
             where = "on the hub" if data.from_hub else f"under {Path(self.settings.data_dir) / diagnostic.directory}"
             self.skip(diagnostic.name, f"no data {where}")
@@ -389,6 +438,29 @@ class SuiteRun:
         logger.finalize("success")
 
 
+def submittable(spec: TaskSpec, split: str, predictions: list[Any]) -> list[Any]:
+    """Predictions for a submission file, which needs a label: ``NO_LABEL`` becomes class 0 (the
+    first label word, or COPA's first choice), with a printed count."""
+    if spec.kind in ("regression", "generation"):
+        return predictions
+    invalid = sum(p == NO_LABEL for p in predictions)
+    if invalid:
+        print(f"  {spec.name} {split}: {invalid} generations were no label word; submitted as class 0", flush=True)
+    return [0 if p == NO_LABEL else p for p in predictions]
+
+
+def write_generations(path: Path, spec: TaskSpec, examples: list[Example], predictions: list[str]) -> Path:
+    """JSONL of generation predictions: ``{"idx", "task", "prediction", "references", "rouge_l"}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for example, text in zip(examples, predictions, strict=True):
+            best = max(rouge_l(text, reference) for reference in example.answers)
+            line = {"idx": example.idx, "task": example.group, "prediction": text,
+                    "references": list(example.answers), "rouge_l": best}
+            handle.write(json.dumps(line) + "\n")
+    return path
+
+
 def _mean(value: Any) -> float:
     """A summarized value's mean (plain float with one seed)."""
     if isinstance(value, dict):
@@ -399,8 +471,9 @@ def _mean(value: Any) -> float:
 def main(argv: list[str]) -> None:
     """``ntng finetune`` entry point."""
     settings = resolve_settings(build_parser().parse_args(argv))
+    mode = " (text-to-text)" if settings.text_to_text else ""
     print(
-        f"ntng finetune {settings.suite}: {', '.join(settings.tasks)}; seeds {settings.seeds}; "
+        f"ntng finetune {settings.suite}{mode}: {', '.join(settings.tasks)}; seeds {settings.seeds}; "
         f"{settings.max_epochs} epoch{'s' * (settings.max_epochs != 1)}, lr {settings.lr:g}, "
         f"batch {settings.batch_size}, "
         f"max length {settings.max_length}; output {settings.output}",

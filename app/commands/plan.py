@@ -133,11 +133,14 @@ def plan_recipe(cli: Any, selection_rate: float | None = None) -> Plan:
     return plan_method(method, _method_name(method, settings.optimizer), settings, budget, stop_rule)
 
 
+# A recipe without a method callback is named by its optimizer (NTNG's T5 Lion is RMSScaledLion).
+OPTIMIZER_METHODS = {"Lion": "lion", "RMSScaledLion": "lion"}
+
+
 def _method_name(method: PricedMethod | None, optimizer: str) -> str:
-    for name, (cls, implied) in METHODS.items():
-        if (method is not None and type(method) is cls) or (method is None and cls is None and implied == optimizer):
-            return name
-    return type(method).__name__ if method is not None else "baseline"
+    if method is None:
+        return OPTIMIZER_METHODS.get(optimizer, "baseline")
+    return next((name for name, (cls, _) in METHODS.items() if type(method) is cls), type(method).__name__)
 
 
 def flag_parser() -> ArgumentParser:

@@ -379,6 +379,7 @@ def write_report(sweep_dir: Path, output: Path, epoch: str = "final") -> Path:
     cells = [cell for _, cell in loaded]
     suites = [s for s, name in cmp.NTNG_AVERAGES.items() if any(name in c.scores for c in cells)]
     averages = [cmp.NTNG_AVERAGES[s] for s in suites]
+    averages += [name for _, _, name in cmp.SINGLE_SCORES.values() if any(name in c.scores for c in cells)]
     if any(cmp.PARTIAL in c.scores for c in cells):
         averages.append(cmp.PARTIAL)
     statuses = sorted({c.status for c in cells})

@@ -31,6 +31,7 @@ SWEEP_KEYS = {"name", "recipe", "overrides", "budgets", "seeds", "methods", "fin
               "checkpoint_every_fraction", "branch_budgets"}
 METHOD_KEYS = {"overlays", "overrides"}
 FINETUNE_KEYS = {"suite", "data_dir", "tasks", "epochs", "seeds", "args"}
+SUITES = ("glue", "superglue", "sni")  # sni: Super-Natural-Instructions, T5 checkpoints only
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class FinetuneSpec:
     """One fine-tuning suite run on every cell's export (``ntng finetune``).
 
     Attributes:
-        suite: ``glue`` or ``superglue``.
+        suite: ``glue``, ``superglue`` or ``sni`` (T5 only).
         data_dir: the suite's data directory (or ``hub``).
         tasks: task names; empty means every task of the suite.
         epochs: epochs per task (None: the suite's default).
@@ -139,8 +140,9 @@ class SweepSpec:
         suites = []
         for spec in raw.get("finetune") or ():
             _check_keys(spec, FINETUNE_KEYS, f"{where}, finetune")
-            if spec.get("suite") not in ("glue", "superglue"):
-                raise ConfigurationError(f"{where}: finetune suite must be glue or superglue, got {spec.get('suite')!r}")
+            if spec.get("suite") not in SUITES:
+                raise ConfigurationError(f"{where}: finetune suite must be one of {', '.join(SUITES)}, "
+                                         f"got {spec.get('suite')!r}")
             suites.append(FinetuneSpec(
                 suite=spec["suite"], data_dir=spec.get("data_dir"), tasks=tuple(spec.get("tasks") or ()),
                 epochs=spec.get("epochs"), seeds=tuple(spec.get("seeds") or (0,)),

@@ -27,6 +27,8 @@ BASELINE = "baseline"
 PARTIAL = "mean_of_tasks_run"
 # The NTNG average of each suite: the downstream columns of Table 1.
 NTNG_AVERAGES = {"glue": "ntng_glue", "superglue": "ntng_superglue"}
+# Suites scored by one metric of one task (NTNG's T5 downstream: Rouge-L on Super-Natural-Instructions).
+SINGLE_SCORES = {"sni": ("sni", "rouge_l", "sni_rouge_l")}
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,11 @@ def downstream_scores(results: dict[str, dict], epoch: str = "final") -> dict[st
         for task, metrics in section["tasks"].items():
             if metrics:
                 headlines[f"{suite}/{task}"] = headline(next(iter(metrics.values())))
+        if suite in SINGLE_SCORES:
+            task, metric, name = SINGLE_SCORES[suite]
+            value = section["tasks"].get(task, {}).get(metric)
+            scores[name] = Score(None if value is None else headline(value), () if value is not None
+                                 else (f"{task}/{metric}",), 1)
         average = section.get("averages", {}).get(NTNG_AVERAGES.get(suite, ""))
         if average is not None:
             # A null value with nothing missing is a NaN component (metrics' convention).

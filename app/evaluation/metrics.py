@@ -11,10 +11,22 @@ Metric definitions and degenerate cases:
       over all answer options; ReCoRD: SQuAD token F1, max over gold answers, mean over queries
       (one ``Example`` per query).
     * ``exact_match``: MultiRC: share of questions (``Example.group``) with every answer right;
-      ReCoRD: normalised string match, max over gold answers.
+      ReCoRD: normalised string match, max over gold answers; SNI: string match after SNI's
+      normalisation (lower case, punctuation dropped, whitespace collapsed; articles kept), max
+      over references, mean over instances.
+    * ``rouge_l`` (SNI): Rouge-L F-measure, the longest common subsequence of the
+      prediction's and a reference's tokens; tokens as ``rouge_score``'s default tokenizer makes
+      them (lower case, every run of characters other than ``a-z0-9`` a separator) but without the
+      Porter stemming of SNI's ``use_stemmer=True``, so inflected matches ("run"/"running") that
+      the official script credits count as misses here. 0 when either side has no tokens; max over
+      references, mean over instances (SNI's ``compute_metrics``).
     * ``matthews``: 0 for constant predictions (torchmetrics' and sklearn's convention).
     * ``pearson``/``spearman``: NaN when either vector is constant (undefined, as in scipy);
       NaN propagates into every mean that uses it and is written as JSON ``null``.
+    * A text-to-text prediction that is no label word (``NO_LABEL``) is wrong whatever the label:
+      a class of its own that no label has (accuracy, MCC, MultiRC EM), not the positive class
+      (binary F1: a miss of a positive label), and in CB's macro-F1 a miss of the true class
+      whose own, empty class is not averaged.
 
 Aggregation (``summarize``): "tasks" holds the final epoch. "best_epoch" follows NTNG: for each seed
 and each metric separately, the maximum over epochs (NaN epochs skipped), so a task's metrics may
@@ -37,6 +49,8 @@ nothing missing means a NaN component):
     ``ntng_superglue``      NTNG paper: CB macro-F1, BoolQ, COPA, RTE, WiC, WSC acc (6)
     ``ntng_superglue_code`` NTNG code: the paper's 6 plus MultiRC F1a (7)
     ======================= ====================================================================
+
+SNI has no average: its one task, ``sni``, is already the mean over every evaluated instance.
 """
 
 from __future__ import annotations
@@ -57,7 +71,7 @@ from torchmetrics.functional.classification import (
     multiclass_matthews_corrcoef,
 )
 
-from datamodules.tasks.spec import Example, TaskSpec
+from datamodules.tasks.spec import NO_LABEL, Example, TaskSpec
 
 # Averages as data: name -> parts; a part is the mean of its (report key, metric) components and
 # the average is the mean of its parts.
@@ -82,6 +96,7 @@ AVERAGES: dict[str, dict[str, _P]] = {
     },
 }
 AVERAGES["superglue"]["ntng_superglue_code"] = AVERAGES["superglue"]["ntng_superglue"] + [[("multirc", "f1")]]
+AVERAGES["sni"] = {}
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -103,6 +118,59 @@ def _token_f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+_ROUGE_SEPARATOR = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """``rouge_score``'s default tokens (without stemming): lower case, split at non-``a-z0-9`` runs."""
+    return _ROUGE_SEPARATOR.sub(" ", text.lower()).split()
+
+
+def _lcs_length(first: list[str], second: list[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
+    previous = [0] * (len(second) + 1)
+    for token in first:
+        current = [0]
+        for j, other in enumerate(second):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """Rouge-L F-measure of one prediction against one reference (see the module docstring)."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    common = _lcs_length(pred, ref) if pred and ref else 0
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _sni_normalize(text: str) -> str:
+    """SNI's exact-match normalisation: lower case, no punctuation, single spaces (articles kept)."""
+    return " ".join("".join(ch for ch in text.lower() if ch not in _PUNCTUATION).split())
+
+
+def _generation_scores(spec: TaskSpec, examples: list[Example], predictions: list) -> dict[str, float]:
+    """Rouge-L / exact match of generated strings, max over each example's references, mean over examples."""
+    scorers = {"rouge_l": rouge_l, "exact_match": lambda p, g: float(_sni_normalize(p) == _sni_normalize(g))}
+    results = {}
+    for metric in spec.metrics:
+        if metric not in scorers:
+            raise ValueError(f"{spec.name}: unknown metric {metric!r}")
+        per_example = [max(scorers[metric](str(p), g) for g in e.answers) for e, p in zip(examples, predictions)]
+        results[metric] = sum(per_example) / len(per_example)
+    return results
+
+
+def _cb_macro_f1(preds: list[int], labels: list[int], classes: int) -> float:
+    """Macro-F1 over the real classes present in labels or predictions (``NO_LABEL`` is class ``classes``)."""
+    per_class = multiclass_f1_score(torch.tensor(preds), torch.tensor(labels), num_classes=classes + 1, average="none")
+    present = sorted({*labels, *(p for p in preds if p < classes)})
+    return float(per_class[present].mean())
 
 
 def _hashable(key: Any) -> Any:
@@ -151,7 +219,8 @@ def score(spec: TaskSpec, examples: list[Example], predictions: list) -> dict[st
     Args:
         spec: the task; its ``metrics`` are the keys returned, in order.
         examples: labelled examples (``label`` not None).
-        predictions: class ids, floats (regression) or chosen candidate indices (multiple choice).
+        predictions: class ids, floats (regression), chosen candidate indices (multiple choice; both
+            may be ``NO_LABEL``) or generated strings (generation).
 
     Returns:
         ``{metric: fraction}`` for exactly ``spec.metrics``.
@@ -163,12 +232,17 @@ def score(spec: TaskSpec, examples: list[Example], predictions: list) -> dict[st
         raise ValueError(f"{spec.name}: {len(predictions)} predictions for {len(examples)} examples")
     if not examples or any(example.label is None for example in examples):
         raise ValueError(f"{spec.name}: nothing to score (no examples, or unlabelled ones)")
+    if spec.kind == "generation":
+        return _generation_scores(spec, examples, predictions)
     if spec.kind == "regression":
         preds = [float(p) for p in predictions]
         labels = [float(e.label) for e in examples]
     else:
-        preds = [int(p) for p in predictions]
         labels = [int(e.label) for e in examples]
+        # NO_LABEL becomes a class of its own that no label has (module docstring).
+        none = max([2, len(spec.label_names), *(l + 1 for l in labels),
+                    *(int(p) + 1 for p in predictions if int(p) != NO_LABEL)])
+        preds = [none if int(p) == NO_LABEL else int(p) for p in predictions]
     results: dict[str, float] = {}
     for metric in spec.metrics:
         if spec.name == "record" and metric in ("f1", "exact_match"):
@@ -187,17 +261,18 @@ def score(spec: TaskSpec, examples: list[Example], predictions: list) -> dict[st
                 right[key] = right.get(key, True) and pred == label
             results[metric] = sum(right.values()) / len(right)
         elif metric == "accuracy":
-            classes = max(2, len(spec.label_names), max(preds) + 1, max(labels) + 1)
             results[metric] = float(multiclass_accuracy(torch.tensor(preds), torch.tensor(labels),
-                                                        num_classes=classes, average="micro"))
+                                                        num_classes=none + 1, average="micro"))
         elif metric == "f1" and spec.name == "cb":
-            results[metric] = float(multiclass_f1_score(torch.tensor(preds), torch.tensor(labels),
-                                                        num_classes=len(spec.label_names), average="macro"))
+            results[metric] = _cb_macro_f1(preds, labels, len(spec.label_names))
         elif metric == "f1":
-            results[metric] = float(binary_f1_score(torch.tensor(preds), torch.tensor(labels)))
+            positive = [int(p == 1) for p in preds]  # NO_LABEL is not a positive prediction
+            results[metric] = float(binary_f1_score(torch.tensor(positive), torch.tensor(labels)))
         elif metric == "matthews":
             p, t = torch.tensor(preds), torch.tensor(labels)
-            if len(spec.label_names) > 2:
+            if none in preds:
+                results[metric] = float(multiclass_matthews_corrcoef(p, t, num_classes=none + 1))
+            elif len(spec.label_names) > 2:
                 results[metric] = float(multiclass_matthews_corrcoef(p, t, num_classes=len(spec.label_names)))
             else:
                 results[metric] = float(binary_matthews_corrcoef(p, t))

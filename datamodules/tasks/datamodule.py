@@ -6,11 +6,10 @@ task's kind and the model (``input_format``):
 
 * ``pair``: one or two text segments -> ``tokenizer(a, b)`` (classification and regression);
 * ``candidates``: every candidate of an example tokenized as its own pair, batched as
-  ``[batch, candidates, length]`` with a candidate mask (multiple choice and ranking).
-
-This is the seam for text-to-text models: a T5 fine-tuner adds a ``text_to_text`` format here
-(segments rendered as a prompt, ``label_names`` verbalized as targets) and chooses it in
-``input_format`` for encoder-decoder configs; the data module itself does not change.
+  ``[batch, candidates, length]`` with a candidate mask (multiple choice and ranking);
+* ``text_to_text``: for encoder-decoder (T5) models, every task: an input string and a target
+  string (label words), padded per batch (``datamodules.tasks.text_to_text``). Generation tasks
+  (SNI) have no other format.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from transformers import DataCollatorWithPadding
 from app.errors import ConfigurationError
 from datamodules.tasks.hub import HUB, hub_examples
 from datamodules.tasks.spec import Example, MissingTaskData, TaskSpec, report_name
+from datamodules.tasks.text_to_text import TextToTextCollator, encode_text_to_text
 
 Feature = dict[str, Any]
 # Keys of a tokenizer's output that are per-token (and so padded); everything else is per example.
@@ -170,21 +170,30 @@ class InputFormat:
 INPUT_FORMATS: dict[str, InputFormat] = {
     "pair": InputFormat(encode_pairs, lambda spec, tokenizer: PairCollator(tokenizer, spec.kind)),
     "candidates": InputFormat(encode_candidates, lambda spec, tokenizer: CandidateCollator(tokenizer.pad_token_id)),
+    "text_to_text": InputFormat(encode_text_to_text,
+                                lambda spec, tokenizer: TextToTextCollator(tokenizer.pad_token_id)),
 }
 
 
-def input_format(spec: TaskSpec, model_config: Any = None) -> str:
-    """The input format for ``spec`` on a model with ``model_config`` (the text-to-text seam).
+def is_text_to_text(model_config: Any) -> bool:
+    """Whether a model with ``model_config`` is fine-tuned text-to-text (T5 and other encoder-decoders)."""
+    return getattr(model_config, "model_type", None) == "t5" or bool(getattr(model_config, "is_encoder_decoder", False))
 
-    Encoder models take ``pair`` inputs for classification/regression and ``candidates`` for
-    multiple choice. Encoder-decoder models (``config.is_encoder_decoder``) would take a
-    ``text_to_text`` format, which is not written yet.
+
+def input_format(spec: TaskSpec, model_config: Any = None) -> str:
+    """The input format for ``spec`` on a model with ``model_config``.
+
+    Encoder-decoder models (``is_text_to_text``) take ``text_to_text`` inputs. Encoder models take
+    ``pair`` inputs for classification/regression and ``candidates`` for multiple choice.
+
+    Raises:
+        ConfigurationError: a generation task for an encoder model (or no model config).
     """
-    if model_config is not None and getattr(model_config, "is_encoder_decoder", False):
-        raise ConfigurationError(
-            f"{getattr(model_config, 'model_type', 'encoder-decoder')} models need a text-to-text task format, "
-            "which ntng finetune does not have yet (encoder models only)"
-        )
+    if model_config is not None and is_text_to_text(model_config):
+        return "text_to_text"
+    if spec.kind == "generation":
+        raise ConfigurationError(f"{spec.suite} {spec.name} is a generation task: it needs a text-to-text "
+                                 "(encoder-decoder, e.g. T5) checkpoint")
     return "candidates" if spec.kind == "multiple_choice" else "pair"
 
 

@@ -1,12 +1,13 @@
-"""Every downstream task ntng knows, by suite and name (GLUE and SuperGLUE both have RTE)."""
+"""Every downstream task ntng knows, by suite and name (GLUE and SuperGLUE both have RTE; SNI is one
+generation task, ``sni``)."""
 
 from __future__ import annotations
 
 from app.errors import ConfigurationError
-from datamodules.tasks import glue, superglue
+from datamodules.tasks import glue, sni, superglue
 from datamodules.tasks.spec import TaskSpec
 
-SUITES: dict[str, dict[str, TaskSpec]] = {"glue": glue.TASKS, "superglue": superglue.TASKS}
+SUITES: dict[str, dict[str, TaskSpec]] = {"glue": glue.TASKS, "superglue": superglue.TASKS, "sni": sni.TASKS}
 
 
 def get_task(suite: str, name: str) -> TaskSpec:

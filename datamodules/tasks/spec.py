@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 
-TaskKind = Literal["classification", "regression", "multiple_choice"]
+TaskKind = Literal["classification", "regression", "multiple_choice", "generation"]
+
+# The prediction of a text-to-text model whose output is none of the task's label words: the
+# scorer counts it wrong whatever the label (``app.evaluation.metrics.score``).
+NO_LABEL = -1
 
 
 class MissingTaskData(Exception):
@@ -31,17 +35,19 @@ class Example:
         segments: one or two text segments (classification and regression).
         candidates: per candidate, one or two segments (multiple choice and ranking: COPA, ReCoRD).
         label: class id (index into ``TaskSpec.label_names``), a float (regression), the index of the
-            correct candidate, or None for unlabelled test data (and for the rare ReCoRD query whose
-            gold answer is none of the passage's entities: training skips those).
+            correct candidate, the training target text (generation: SNI), or None for unlabelled
+            test data (and for the rare ReCoRD query whose gold answer is none of the passage's
+            entities: training skips those).
         group: key grouping examples for grouped metrics (MultiRC question, ReCoRD query).
-        answers: gold answer strings (ReCoRD: F1/EM against the chosen candidate's text).
+        answers: gold answer strings (ReCoRD: F1/EM against the chosen candidate's text; generation:
+            every reference output, scored by the best match).
         candidate_texts: the string each candidate stands for (ReCoRD entities).
     """
 
     idx: Any
     segments: tuple[str, ...] = ()
     candidates: tuple[tuple[str, ...], ...] = ()
-    label: int | float | None = None
+    label: int | float | str | None = None
     group: Any = None
     answers: tuple[str, ...] = ()
     candidate_texts: tuple[str, ...] = ()
@@ -57,8 +63,9 @@ class TaskSpec:
     Attributes:
         name: lower-case name within its suite (``"rte"``, ``"mnli"``, ``"sst2"``, ``"boolq"``,
             ``"axb"``); the registry key is ``(suite, name)`` since both suites have RTE.
-        suite: ``"glue"`` or ``"superglue"``.
-        kind: ``classification``, ``regression`` or ``multiple_choice`` (ranking included).
+        suite: ``"glue"``, ``"superglue"`` or ``"sni"`` (Super-Natural-Instructions).
+        kind: ``classification``, ``regression``, ``multiple_choice`` (ranking included) or
+            ``generation`` (free text scored against reference outputs; text-to-text models only).
         label_names: names of the class ids (GLUE/SuperGLUE label strings); empty for regression
             and multiple choice.
         metrics: metric names reported for the task, the first being its headline metric.
@@ -74,7 +81,7 @@ class TaskSpec:
     """
 
     name: str
-    suite: Literal["glue", "superglue"]
+    suite: Literal["glue", "superglue", "sni"]
     kind: TaskKind
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]

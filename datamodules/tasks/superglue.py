@@ -55,7 +55,7 @@ from datamodules.pretraining.corpus import read_jsonl
 from datamodules.tasks.spec import Example, MissingTaskData, Reader, TaskSpec
 
 BOOLEAN_LABELS = ("False", "True")
-_COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+COPA_QUESTIONS = {"cause": "What was the cause?", "effect": "What happened as a result?"}
 _HIGHLIGHT = re.compile(r"([.!?\"'])?\n@highlight\n")
 _STANDARD_FILES = {"train": "train.jsonl", "dev": "val.jsonl", "test": "test.jsonl"}
 Builder = Callable[[dict[str, Any], bool], list[Example]]
@@ -106,9 +106,9 @@ def _pair(first: str, second: str, label_names: tuple[str, ...]) -> Builder:
 
 def _copa(record: dict[str, Any], labelled: bool) -> list[Example]:
     """Two candidates, each (premise + the question's wording, choice)."""
-    if record["question"] not in _COPA_QUESTIONS:
+    if record["question"] not in COPA_QUESTIONS:
         raise ValueError(f"question {record['question']!r} is not 'cause' or 'effect'")
-    prompt = f"{record['premise']} {_COPA_QUESTIONS[record['question']]}"
+    prompt = f"{record['premise']} {COPA_QUESTIONS[record['question']]}"
     return [Example(idx=record["idx"], candidates=((prompt, record["choice1"]), (prompt, record["choice2"])),
                     label=class_id(record["label"], ("choice1", "choice2")) if labelled else None)]
 
