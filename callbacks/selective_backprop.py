@@ -99,16 +99,21 @@ class SelectiveBackprop(BatchSelection):
       so every update still trains ``batch_size`` examples. Composer's activity window and
       every-other-batch interrupt are not implemented.
     * No priming epoch (the official code trains the first epoch unselected; NTNG does not).
-    * The history spans ``history_size / batch_size`` updates (3.3 at NTNG's 1536). While the loss
-      falls faster than the history turns over (small batches, early training), new losses rank
-      low among older ones and fewer than ``1 / (beta + 1)`` are kept: each update then scores more
-      candidates than the planner's stationary estimate.
+    * The history's length is given in updates' worth of losses: NTNG's 5,000 losses are 3.26
+      batches of its 1,536, and ``history_updates`` keeps that ratio at every batch size (a fixed
+      5,000 would outlast the tiny recipe's whole run at batch 16, where new losses rank low while
+      the loss falls and about 25 % were kept instead of ≈ 50 %). ``history_size`` sets a count
+      instead. While the loss still falls faster than the history turns over, fewer than
+      ``1 / (beta + 1)`` are kept and each update scores more than the planner's stationary estimate.
     * ``train/loss`` is the loss of the selected (hard) examples, so it sits above a baseline's;
       compare runs on ``val/loss``.
 
     Args:
         beta: exponent of the keep probability ``p ** beta`` (NTNG: 1; tuned over 1, 2, 3).
-        history_size: losses kept for the percentile (NTNG: 5000; official: 1024).
+        history_updates: the history's length in batches of this rank's candidates (NTNG: 5000 /
+            1536 ≈ 3.26, its 5,000 losses at its batch size).
+        history_size: a fixed number of losses instead (NTNG's count: 5000; official: 1024);
+            None: ``history_updates`` batches.
         variant: ``history`` (NTNG, the paper) or ``fixed_fraction`` (Composer).
         keep_fraction: share kept per candidate batch with ``variant: fixed_fraction``.
         charge_scoring: charge scoring forwards to the budget; False is NTNG's "free" ablation.
@@ -118,7 +123,8 @@ class SelectiveBackprop(BatchSelection):
     def __init__(
         self,
         beta: float = 1.0,
-        history_size: int = 5000,
+        history_updates: float = 5000 / 1536,
+        history_size: int | None = None,
         variant: Literal["history", "fixed_fraction"] = "history",
         keep_fraction: float = 0.5,
         charge_scoring: bool = True,
@@ -127,17 +133,23 @@ class SelectiveBackprop(BatchSelection):
         super().__init__(charge_scoring, seed)
         if beta <= 0:
             raise ConfigurationError(f"SelectiveBackprop: beta must be > 0, got {beta}")
-        if history_size < 1:
-            raise ConfigurationError(f"SelectiveBackprop: history_size must be >= 1, got {history_size}")
+        if history_updates <= 0 or (history_size is not None and history_size < 1):
+            raise ConfigurationError("SelectiveBackprop: history_updates must be > 0 and history_size >= 1, "
+                                     f"got {history_updates} and {history_size}")
         if variant not in ("history", "fixed_fraction"):
             raise ConfigurationError(f"SelectiveBackprop: variant must be history or fixed_fraction, got {variant!r}")
         if not 0 < keep_fraction <= 1:
             raise ConfigurationError(f"SelectiveBackprop: keep_fraction must be in (0, 1], got {keep_fraction}")
-        self.beta, self.history_size, self.variant, self.keep_fraction = beta, history_size, variant, keep_fraction
+        self.beta, self.history_updates, self.history_size = beta, history_updates, history_size
+        self.variant, self.keep_fraction = variant, keep_fraction
+        self._history_length = history_size or 0  # losses kept; from the batch size at setup
         self.history = torch.empty(0)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.history_size is None:
+            batch = self.stream.batch_size * trainer.accumulate_grad_batches  # this rank's share of a batch
+            self._history_length = max(1, round(self.history_updates * batch))
         if stage == "fit" and self.variant == "fixed_fraction" and int(self.keep_fraction * self.stream.batch_size) < 1:
             raise ConfigurationError(
                 f"SelectiveBackprop: keep_fraction {self.keep_fraction} keeps no row of a {self.stream.batch_size}-row batch"
@@ -151,7 +163,7 @@ class SelectiveBackprop(BatchSelection):
             if self.variant == "fixed_fraction":
                 kept = fixed_fraction_kept(losses, self.keep_fraction, generator)
             else:
-                self.history = torch.cat([self.history.to(losses.device), losses])[-self.history_size :]
+                self.history = torch.cat([self.history.to(losses.device), losses])[-self._history_length :]
                 kept = sample_kept(keep_probabilities(loss_percentiles(self.history, losses), self.beta), generator)
             self.select(candidates, kept)
 

@@ -137,6 +137,14 @@ class SophiaHessian(Callback):
       callback state Lightning keeps), so a resumed run's next refresh sees the batches an
       uninterrupted run's would, also when accumulation is below ``hessian_micro_batches``.
 
+    Choosing ρ. NTNG's tuned ρ = 0.01 (BERT) does not carry over: its BERT Hessian pass sampled labels
+    from hidden states, summed six mean-loss backwards (h ≈ 36·(∇ℓ̄)²) and set bs = 196,608 (every
+    token of 128 × 1,536), while ours is the GNB estimate with bs = the loss tokens, so the same ρ clips
+    in another regime. Sophia's README tunes ρ so that the share of coordinates not clipped (the
+    win rate) stays in 0.1-0.5; the callback watches the logged win rate and warns once, with the
+    direction to move ρ (a larger ρ clips less), when its mean over ``win_rate_window`` updates stays
+    outside ``win_rate_range``. A short run of the recipe with the overlay is a ρ calibration.
+
     Logs ``method/hessian_updates`` (refreshes so far) at every refresh and ``optimizer/win_rate``
     (share of coordinates not clipped; Sophia's README tunes rho to keep it in 0.1-0.5) after every
     update when the optimizer exposes ``win_rate``.
@@ -149,6 +157,8 @@ class SophiaHessian(Callback):
             ``free_updates`` ablation.
         clip_norm: clip ``g_hat`` to this global norm (Sophia's script: grad_clip 1.0; NTNG T5:
             1.0; NTNG BERT: none).
+        win_rate_range: the win rates Sophia's README aims for; outside them a warning says so.
+        win_rate_window: updates whose mean win rate is compared with ``win_rate_range``.
     """
 
     def __init__(
@@ -157,6 +167,8 @@ class SophiaHessian(Callback):
         hessian_micro_batches: int = 6,
         charge: bool = True,
         clip_norm: float | None = None,
+        win_rate_range: tuple[float, float] = (0.1, 0.5),
+        win_rate_window: int = 50,
     ) -> None:
         if every_n_steps < 1:
             raise ConfigurationError(f"SophiaHessian: every_n_steps must be >= 1, got {every_n_steps}")
@@ -168,6 +180,13 @@ class SophiaHessian(Callback):
             raise ConfigurationError(f"SophiaHessian: clip_norm must be > 0, got {clip_norm}")
         self.every_n_steps, self.hessian_micro_batches = every_n_steps, hessian_micro_batches
         self.charge, self.clip_norm = charge, clip_norm
+        low, high = win_rate_range
+        if not 0.0 <= low < high <= 1.0 or win_rate_window < 1:
+            raise ConfigurationError(f"SophiaHessian: win_rate_range must be 0 <= low < high <= 1 and win_rate_window "
+                                     f">= 1, got {win_rate_range} and {win_rate_window}")
+        self.win_rate_range, self.win_rate_window = (low, high), win_rate_window
+        self._win_rates: deque[float] = deque(maxlen=win_rate_window)
+        self._warned_win_rate = False
         self.hessian_updates = 0
         self._kept: deque[dict[str, torch.Tensor]] = deque(maxlen=hessian_micro_batches)
         self._refreshed_at: int | None = None
@@ -211,6 +230,19 @@ class SophiaHessian(Callback):
             win_rate = win_rate()
         if win_rate is not None and win_rate == win_rate:  # not NaN (no step yet)
             pl_module.log("optimizer/win_rate", float(win_rate))
+            self._check_win_rate(float(win_rate))
+
+    def _check_win_rate(self, win_rate: float) -> None:
+        self._win_rates.append(win_rate)
+        if self._warned_win_rate or len(self._win_rates) < self.win_rate_window:
+            return
+        mean, (low, high) = sum(self._win_rates) / len(self._win_rates), self.win_rate_range
+        if not low <= mean <= high:
+            self._warned_win_rate = True
+            move = "raise" if mean < low else "lower"
+            rank_zero_warn(f"SophiaHessian: SophiaG's win rate averaged {mean:.3f} over the last {len(self._win_rates)} "
+                           f"updates, outside Sophia's {low}-{high}; {move} rho (NTNG's 0.01 was tuned for another "
+                           "Hessian estimate and bs, see the SophiaHessian docstring)")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._kept.clear()

@@ -424,3 +424,32 @@ def test_selective_backprop_overlay_trains_and_logs(tmp_path, monkeypatch, sampl
     checkpoint = torch.load(next((run_dir / "checkpoints").glob("*.ckpt")), weights_only=True)
     clock = checkpoint["reference_clock"]
     assert clock["passes"]["forward"] >= clock["passes"]["forward_backward"] > 0  # >= 1 scoring pass per trained one
+
+
+class SelectionRates(Callback):
+    """Per update: (budget progress, rows selected / rows scored), read before the callback resets it."""
+
+    def __init__(self, selection) -> None:
+        self.selection, self.rates = selection, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        update = self.selection._update
+        if update["scored"]:
+            self.rates.append((pl_module.budget_progress(), update["selected"] / update["scored"]))
+
+
+def test_history_in_updates_keeps_the_intended_share_at_a_small_batch(sample_corpus, tmp_path, monkeypatch):
+    from app.recipe import build_recipe
+
+    monkeypatch.chdir(tmp_path)
+    configs = [str(REPO_ROOT / "configs/bert/tiny.yaml"), str(REPO_ROOT / "configs/methods/selective_backprop.yaml")]
+    overrides = tiny_fit_args(sample_corpus, 0.0003)[3:] + ["--trainer.logger=false"]  # after fit -c tiny
+    cli = build_recipe(configs, overrides)
+    selection = next(c for c in cli.trainer.callbacks if isinstance(c, SelectiveBackprop))
+    rates = SelectionRates(selection)
+    cli.trainer.callbacks.insert(0, rates)  # before the selection callback resets its update's counts
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert selection._history_length == round(5000 / 1536 * 16)  # 3.26 batches of 16 rows
+    later = [rate for progress, rate in rates.rates if progress >= 0.1]
+    assert len(later) >= 10
+    assert abs(sum(later) / len(later) - 0.5) < 0.1  # 1 / (beta + 1) with beta 1

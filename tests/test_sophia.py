@@ -228,3 +228,13 @@ def test_lion_planner_uses_the_profiles_lion_step_cost():
     result = plan_hours(None, _settings("ntng-t5-a100.yaml", 144, 72, 512, "Lion"), 1.0)
     assert result["rst_hours"] * 3600 / result["updates"] == pytest.approx(1.043)
     assert result["updates"] == 3452  # ceil(3600 / 1.043): the crossing update is taken
+
+
+@pytest.mark.parametrize("rates, warned", [([0.02] * 5, "raise rho"), ([0.9] * 5, "lower rho"), ([0.3] * 5, None),
+                                           ([0.02] * 2, None)])  # fewer than a window: no verdict yet
+def test_a_win_rate_outside_sophias_range_warns_once_with_the_direction(rates, warned, recwarn):
+    callback = SophiaHessian(win_rate_window=5)
+    for rate in rates + rates:
+        callback._check_win_rate(rate)
+    messages = [str(w.message) for w in recwarn if "win rate" in str(w.message)]
+    assert messages == ([] if warned is None else [messages[0]]) and (warned is None or warned in messages[0])
