@@ -211,7 +211,7 @@ class RandomPathTraining(Callback):
             layers.traits.always_active, self.sampling)
         if self.scale != "none" and not layers.traits.exact_residual_scaling:
             raise ConfigurationError(f"RaPTr scale={self.scale!r} needs a Pre-LN model; {layers.family} is Post-LN: "
-                                     "use scale: none with it (or the roberta-prelayernorm backbone)")
+                                     "use scale: none with it (or a Pre-LN backbone: roberta-prelayernorm, modernbert)")
         self._seed = run_seed(self.seed)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

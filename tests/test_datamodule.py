@@ -491,3 +491,19 @@ def test_streaming_needs_supported_sources_and_val_size(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
     with pytest.raises(ConfigurationError, match="val_size"):
         make_dm(tmp_path, sources=[str(tmp_path / "c.jsonl")], tokenizer="x", streaming=True)
+
+
+def test_cramming_framing_keeps_cls_out_of_the_packed_blocks(tmp_path):
+    from datamodules.pretraining.mlm_masking import MaskedLanguageModeling
+
+    bert = make_dm(tmp_path)
+    cramming = make_dm(tmp_path,
+                       objective=MaskedLanguageModeling(framing="cramming"))
+    for dm in (bert, cramming):
+        dm.setup("fit")
+    cls_id = bert.tokenizer.cls_token_id
+    assert (bert.blocks[:, 0] == cls_id).all()
+    assert not (cramming.blocks == cls_id).any() and cramming.blocks.shape[1] == bert.blocks.shape[1]
+    assert cramming.example_fingerprint()["blocks"] != bert.example_fingerprint()["blocks"]
+    with pytest.raises(ConfigurationError, match="framing"):
+        MaskedLanguageModeling(framing="gpt")

@@ -10,6 +10,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     RobertaPreLayerNormConfig,
     RobertaPreLayerNormForMaskedLM,
     T5Config,
@@ -40,6 +42,16 @@ def _roberta_preln() -> nn.Module:
     return _encoder(RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM, 40)
 
 
+def _modernbert() -> nn.Module:
+    torch.manual_seed(0)
+    config = ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, global_attn_every_n_layers=1, pad_token_id=0, bos_token_id=None,
+        eos_token_id=None, cls_token_id=None, sep_token_id=None, attn_implementation="sdpa",
+    )  # fmt: skip
+    return ModernBertForMaskedLM(config).eval()
+
+
 def _t5_config() -> T5Config:
     return T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=4,
@@ -52,7 +64,7 @@ def _t5() -> nn.Module:
     return T5ForConditionalGeneration(_t5_config()).eval()
 
 
-ENCODERS = {"bert": _bert, "roberta-prelayernorm": _roberta_preln}
+ENCODERS = {"bert": _bert, "roberta-prelayernorm": _roberta_preln, "modernbert": _modernbert}
 ALL = {**ENCODERS, "t5": _t5}
 
 
@@ -80,6 +92,8 @@ def _delete_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     base = pruned.base_model
     if isinstance(pruned, T5ForConditionalGeneration):
         owners = [(base.encoder, "block"), (base.decoder, "block")]
+    elif isinstance(pruned, ModernBertForMaskedLM):
+        owners = [(base, "layers")]
     else:
         owners = [(base.encoder, "layer")]
     for owner, attr in owners:

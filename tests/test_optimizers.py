@@ -206,3 +206,17 @@ def test_state_dict_round_trip(name):
     restored.step()
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decay_norm_weights", [False, True])
+def test_norm_weights_are_not_decayed_unless_ntng_parity_asks(decay_norm_weights):
+    from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
+
+    from app.model.param_groups import weight_decay_groups
+
+    model = RobertaPreLayerNormForMaskedLM(RobertaPreLayerNormConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    decayed, undecayed = ({id(p) for p in group["params"]} for group in weight_decay_groups(model, decay_norm_weights))
+    norms = [m.weight for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert all((id(w) in decayed) == decay_norm_weights for w in norms)
+    assert all(id(p) in undecayed for n, p in model.named_parameters() if n.endswith("bias"))

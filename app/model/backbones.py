@@ -18,6 +18,8 @@ from transformers import (
     AutoModelForMaskedLM,
     BertConfig,
     BertForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
     PretrainedConfig,
     PreTrainedModel,
     RobertaPreLayerNormConfig,
@@ -37,18 +39,53 @@ class MaskedLMFamily:
         head_attribute: attribute of the MLM model holding the prediction head.
         position_offset: positions the family reserves before the first token (RoBERTa counts
             positions from ``pad_token_id + 1``, so it needs ``seq_len + pad + 1`` embeddings).
+        decoder_attribute: attribute of the MLM model holding the vocabulary projection when it
+            is not part of the head (ModernBERT: ``head`` is the transform, ``decoder`` the tied
+            projection); None when the head ends in it (BERT's ``cls``, RoBERTa's ``lm_head``).
+        config_defaults: config fields a fresh model gets unless the overrides set them
+            (ModernBERT's defaults name special-token ids of its own 50k vocabulary).
+        attn_implementation: attention kernel forced on every build and load (None: transformers'
+            choice). ModernBERT gets ``sdpa``: it runs on CPU and GPU without flash-attn, and our
+            packed blocks have no padding, so its unpadded (flash-attn) path is never needed.
     """
 
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
     head_attribute: str
     position_offset: bool = False
+    decoder_attribute: str | None = None
+    config_defaults: tuple[tuple[str, Any], ...] = ()
+    attn_implementation: str | None = None
+
+    def prediction_head(self, model: PreTrainedModel) -> nn.Module:
+        """The module mapping final hidden states to vocabulary logits (head, then decoder)."""
+        head: nn.Module = getattr(model, self.head_attribute)
+        if self.decoder_attribute is None:
+            return head
+        return nn.Sequential(head, getattr(model, self.decoder_attribute))
 
 
 MASKED_LM_FAMILIES: dict[str, MaskedLMFamily] = {
     "bert": MaskedLMFamily(BertConfig, BertForMaskedLM, "cls"),
     "roberta-prelayernorm": MaskedLMFamily(
         RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM, "lm_head", position_offset=True
+    ),
+    # Rotary positions (max_sequence_length = max_position_embeddings), Pre-LN layers in
+    # ``model.layers``, head transform ``head`` and tied ``decoder``. Its own ``sparse_prediction``
+    # option stays off: masked_lm_logits selects the labelled positions itself.
+    "modernbert": MaskedLMFamily(
+        ModernBertConfig,
+        ModernBertForMaskedLM,
+        "head",
+        decoder_attribute="decoder",
+        config_defaults=(
+            ("pad_token_id", 0),
+            ("bos_token_id", None),
+            ("eos_token_id", None),
+            ("cls_token_id", None),
+            ("sep_token_id", None),
+        ),
+        attn_implementation="sdpa",
     ),
 }
 
@@ -88,13 +125,17 @@ def build_masked_lm(
         except OSError as err:
             raise ConfigurationError(f"cannot load checkpoint {checkpoint!r}: {err}") from err
         family = masked_lm_family(config.model_type)
-        model = AutoModelForMaskedLM.from_pretrained(checkpoint, config=config)
+        attention = {"attn_implementation": family.attn_implementation} if family.attn_implementation else {}
+        model = AutoModelForMaskedLM.from_pretrained(checkpoint, config=config, **attention)
         return model, family
     family = masked_lm_family(backbone)
+    overrides = dict(family.config_defaults) | overrides
     try:
         config = family.config_class(**overrides)
     except (TypeError, ValueError) as err:
         raise ConfigurationError(f"invalid {backbone} config {overrides}: {err}") from err
+    if family.attn_implementation is not None:
+        config._attn_implementation = family.attn_implementation
     return family.model_class(config), family
 
 
@@ -129,7 +170,7 @@ def masked_lm_logits(
         order of the masked positions, or ``([batch, seq, vocab], None)`` without labels.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    head: nn.Module = getattr(model, family.head_attribute)
+    head = family.prediction_head(model)
     if labels is None:
         return head(hidden), None
     selected = labels != -100

@@ -15,6 +15,11 @@ Checked against transformers 5.23:
   ``num_layers`` there. Layers keep their original ``layer_idx``, used only to index a KV cache (T5
   ``generate`` on a subset still matches the pruned model). Hidden states are recorded by hooks on the
   layers, so ``output_hidden_states`` returns ``active + 1`` tensors.
+* ``ModernBertModel`` (5.24) keeps its layers in ``.layers`` and loops ``for encoder_layer in
+  self.layers``; the rotary embeddings and the attention masks are built once, before the loop, per
+  attention type, and each layer picks its own by its ``attention_type``, so any subset runs. Layer 0
+  has no attention LayerNorm (``attn_norm`` is an Identity: the embeddings end in a norm), so
+  :meth:`LayerAdapter.copy_layer` from or to layer 0 leaves the other layer's ``attn_norm`` as it is.
 * T5 computes the relative position bias only in block 0 and hands it on; without block 0 the later
   blocks build an all-zero bias and silently lose all position information. T5 sets must keep block 0.
 * A new active set changes the module tree, so ``torch.compile`` recompiles. Change the set only between
@@ -33,13 +38,20 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import BertPreTrainedModel, PreTrainedModel, RobertaPreLayerNormPreTrainedModel, T5PreTrainedModel
+from transformers import (
+    BertPreTrainedModel,
+    ModernBertPreTrainedModel,
+    PreTrainedModel,
+    RobertaPreLayerNormPreTrainedModel,
+    T5PreTrainedModel,
+)
 
 from app.errors import ConfigurationError
 
 _SUPPORTED = (
-    "BERT (Bert*), RoBERTa-PreLayerNorm (RobertaPreLayerNorm*), T5 (T5Model, T5ForConditionalGeneration, "
-    "T5EncoderModel), or any model whose base model has an `.encoder.layer` nn.ModuleList"
+    "BERT (Bert*), RoBERTa-PreLayerNorm (RobertaPreLayerNorm*), ModernBERT (ModernBert*), T5 (T5Model, "
+    "T5ForConditionalGeneration, T5EncoderModel), or any model whose base model has an `.encoder.layer` "
+    "nn.ModuleList"
 )
 
 
@@ -63,6 +75,8 @@ class FamilyTraits:
 FAMILY_TRAITS: dict[str, FamilyTraits] = {
     "bert": FamilyTraits(),
     "roberta-prelayernorm": FamilyTraits(exact_residual_scaling=True),
+    # h = x + attn(norm(x)); y = h + mlp(norm(h)): y - x is exactly the two residual branches.
+    "modernbert": FamilyTraits(exact_residual_scaling=True),
     "t5": FamilyTraits(always_active=(0,), exact_residual_scaling=True),
     "encoder": FamilyTraits(),
 }
@@ -82,7 +96,7 @@ _STATE_ATTR = "_ntng_layer_stack"
 class _Stack:
     """The full layer list of one stack, its active set, and the hooks that apply the set."""
 
-    attr: str  # "layer" (BERT-like) or "block" (T5)
+    attr: str  # "layer" (BERT-like), "layers" (ModernBERT) or "block" (T5)
     full: nn.ModuleList
     active: tuple[int, ...]
     subset: nn.ModuleList | None = None  # None while all layers are active: nothing to swap
@@ -129,6 +143,8 @@ def _find_stacks(model: nn.Module) -> tuple[str, dict[str, tuple[nn.Module, str]
         if isinstance(getattr(decoder, "block", None), nn.ModuleList):
             owners["decoder"] = (decoder, "block")
         return "t5", owners
+    if isinstance(model, ModernBertPreTrainedModel) and isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return "modernbert", {"encoder": (base, "layers")}
     if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
         if isinstance(model, BertPreTrainedModel):
             family = "bert"
@@ -147,7 +163,7 @@ class LayerAdapter:
     active, and with all active the forward pass is bitwise identical to the unwrapped model.
 
     Attributes:
-        family: ``"bert"``, ``"roberta-prelayernorm"``, ``"t5"`` or ``"encoder"`` (any other model
+        family: ``"bert"``, ``"roberta-prelayernorm"``, ``"modernbert"``, ``"t5"`` or ``"encoder"`` (any other model
             with an ``.encoder.layer`` list).
         stack_names: ``("encoder",)`` or, for T5 encoder-decoder models, ``("encoder", "decoder")``.
         traits: the family's :class:`FamilyTraits` (layers that must always run, exact output scaling).
@@ -305,7 +321,7 @@ class LayerAdapter:
 
         Stochastic depth and PLD's inverted-dropout convention scale a kept layer's residual branch by
         ``1/p`` so its expected contribution matches the full model's. We scale the *whole* layer's
-        residual ``f(x) - x``, which for a Pre-LN layer (RoBERTa-PreLN, T5) is exactly the sum of its
+        residual ``f(x) - x``, which for a Pre-LN layer (RoBERTa-PreLN, ModernBERT, T5) is exactly the sum of its
         attention and feed-forward branches. A Post-LN layer ends in a LayerNorm, so ``f(x) - x`` is
         not a residual branch there, and scaling is refused for BERT.
 
@@ -413,7 +429,8 @@ class LayerAdapter:
                 }
 
 
-_LAYER_KEY = re.compile(r"(?:^|\.)(?:encoder|decoder)\.(?:layer|block)\.(\d+)\.")
+# encoder.layer.<i>. (BERT-like), encoder/decoder.block.<i>. (T5), model.layers.<i>. (ModernBERT).
+_LAYER_KEY = re.compile(r"(?:^|\.)(?:(?:encoder|decoder)\.(?:layer|block)|model\.layers)\.(\d+)\.")
 # Config fields that hold the depth of each family's stacks.
 _DEPTH_FIELDS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
 
@@ -436,6 +453,9 @@ def truncated_model(model: PreTrainedModel, depth: int) -> PreTrainedModel:
     for name in _DEPTH_FIELDS:
         if getattr(config, name, None) is not None:
             setattr(config, name, depth)
+    # Per-layer attention types (ModernBERT) must list exactly the kept layers.
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:depth]
     pruned = type(model)(config)
     state = {
         key: value

@@ -54,13 +54,17 @@ class BudgetedModule(LightningModule):
     Args:
         optimizer: optimizer class and arguments; biases and norm weights get no weight decay.
         lr_schedule: learning-rate multiplier as a function of budget progress.
+        decay_norm_weights: decay normalisation weights too (NTNG's bert-o3 as it ran; see
+            ``app.model.param_groups``).
     """
 
     model: torch.nn.Module
     layers: LayerAdapter
 
-    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_schedule: LRSchedule | None = None) -> None:
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_schedule: LRSchedule | None = None,
+                 decay_norm_weights: bool = False) -> None:
         super().__init__()
+        self.decay_norm_weights = decay_norm_weights
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or OneCycleTriangle()
         self.clock: ReferenceClock | None = None
@@ -171,7 +175,7 @@ class BudgetedModule(LightningModule):
             check_unused_parameter_support(self.trainer)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = self.optimizer_factory(weight_decay_groups(self.model))
+        optimizer = self.optimizer_factory(weight_decay_groups(self.model, self.decay_norm_weights))
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         return optimizer

@@ -26,7 +26,8 @@ class MaskedLanguageModel(BudgetedModule):
 
     Args:
         backbone: masked-LM family of a freshly initialised model: ``roberta-prelayernorm``
-            (Pre-LN, the recipes' default, stable under layer dropping) or ``bert`` (Post-LN).
+            (Pre-LN, stable under layer dropping), ``modernbert`` (Pre-LN, GLU, no biases, rotary
+            positions: the crammed recipe's cramming-``bert-c5`` match) or ``bert`` (Post-LN).
         config: HF config fields for the backbone (``num_hidden_layers``, ``hidden_size``,
             ``num_attention_heads``, ``intermediate_size``, ``max_position_embeddings``, dropout
             probabilities, ...). Dropout values here are the ones exported for fine-tuning.
@@ -44,6 +45,8 @@ class MaskedLanguageModel(BudgetedModule):
         sparse_prediction: compute MLM logits only at masked positions (same loss, less compute).
         optimizer: optimizer class and arguments; biases and norm weights get no weight decay.
         lr_schedule: learning-rate multiplier as a function of budget progress.
+        decay_norm_weights: decay normalisation weights too (NTNG's bert-o3 as it ran; the default
+            excludes them, see ``app.model.param_groups``).
     """
 
     def __init__(
@@ -59,8 +62,9 @@ class MaskedLanguageModel(BudgetedModule):
         sparse_prediction: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: LRSchedule | None = None,
+        decay_norm_weights: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_schedule)
+        super().__init__(optimizer, lr_schedule, decay_norm_weights)
         # Objects stay out of hparams: checkpoints load with weights_only=True (config.yaml has them).
         self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
         overrides = apply_shape(config or {}, shape, "encoder")
@@ -89,10 +93,14 @@ class MaskedLanguageModel(BudgetedModule):
                 f"positions (raise config.max_position_embeddings)"
             )
         # Train with ``pretraining_dropout`` but leave the config alone, so the export carries the
-        # configured (fine-tuning) dropout. HF attention reads its probability from ``dropout.p``.
+        # configured (fine-tuning) dropout. HF attention reads its probability from ``dropout.p``,
+        # except ModernBERT's, which keeps a float ``attention_dropout`` (and builds its output
+        # dropout as Identity when the config's probability is 0, so it can only be lowered).
         for module in self.model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = pretraining_dropout
+            elif type(getattr(module, "attention_dropout", None)) in (float, int):
+                module.attention_dropout = pretraining_dropout
         self.layers = LayerAdapter(self.model)
         self.sparse_prediction = sparse_prediction
         self.seq_len = seq_len
@@ -100,7 +108,7 @@ class MaskedLanguageModel(BudgetedModule):
     @property
     def prediction_head(self) -> torch.nn.Module:
         """The MLM head (for FLOP counting)."""
-        return getattr(self.model, self.family.head_attribute)
+        return self.family.prediction_head(self.model)
 
     def model_signature(self) -> dict[str, Any]:
         """What an RST profile must have been measured for to price this model."""

@@ -59,6 +59,8 @@ class SpanCorruptionModel(BudgetedModule):
         pretraining_dropout: dropout while pretraining (NTNG / nanoT5: 0.0); the export keeps ``config``'s.
         optimizer: optimizer class and arguments (NTNG: ``app.model.optimizers.AdamWScale``).
         lr_schedule: learning-rate multiplier as a function of budget progress.
+        decay_norm_weights: decay the RMSNorm weights too (no-decay is the default; NTNG's T5 used no
+            weight decay at all).
     """
 
     def __init__(
@@ -72,8 +74,9 @@ class SpanCorruptionModel(BudgetedModule):
         pretraining_dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: LRSchedule | None = None,
+        decay_norm_weights: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_schedule)
+        super().__init__(optimizer, lr_schedule, decay_norm_weights)
         self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
         if checkpoint is not None:
             try:

@@ -41,7 +41,10 @@ from datamodules.pretraining.tokenizer import (
 # Bump when the packing or the cache layout changes, so stale caches are never reused.
 FORMAT_VERSION = 1
 
-_MLM_DEFAULTS = {name: p.default for name, p in inspect.signature(MaskedLanguageModeling).parameters.items()}
+# The masking settings the data module still takes itself (an objective's other settings are its own).
+_MASKING = ("mlm_probability", "mask_replace_prob", "random_replace_prob", "mask_seed")
+_MLM_DEFAULTS = {name: p.default for name, p in inspect.signature(MaskedLanguageModeling).parameters.items()
+                 if name in _MASKING}
 
 
 class PretrainingDataModule(LightningDataModule):

@@ -15,6 +15,8 @@ training batches are masked on the main process.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
@@ -96,14 +98,18 @@ class MaskingCollate:
 class MaskedLanguageModeling(PretrainingObjective):
     """BERT's masked-LM objective; an example's mask depends only on (mask_seed, example id, epoch).
 
-    Blocks are ``[CLS] + seq_len-2 stream tokens + [SEP]`` with documents separated by [SEP]; when
-    no tokenizer is given a WordPiece one is trained.
+    Blocks are ``[CLS] + seq_len-2 stream tokens + [SEP]`` with documents separated by [SEP]
+    (``framing: bert``), or, as cramming packs its corpus, ``seq_len`` stream tokens with no [CLS]
+    and no closing [SEP] (``framing: cramming``; documents are still separated by [SEP]). When no
+    tokenizer is given a WordPiece one is trained (lower-cased and accent-stripped with
+    ``lowercase: true``, as cramming normalises).
 
     Args:
         mlm_probability: Fraction of non-special tokens selected for prediction.
         mask_replace_prob: Fraction of selected tokens replaced by [MASK].
         random_replace_prob: Fraction of selected tokens replaced by a random token.
         mask_seed: Seed of the masking.
+        framing: ``bert`` ([CLS] ... [SEP] blocks) or ``cramming`` (no [CLS] in the packed corpus).
 
     Raises:
         ConfigurationError: When a probability is out of range or ``mask_seed`` is negative.
@@ -118,8 +124,10 @@ class MaskedLanguageModeling(PretrainingObjective):
         mask_replace_prob: float = 0.8,
         random_replace_prob: float = 0.1,
         mask_seed: int = 0,
+        framing: Literal["bert", "cramming"] = "bert",
     ) -> None:
         checks = {
+            f"framing must be bert or cramming, got {framing!r}": framing in ("bert", "cramming"),
             f"mlm_probability must be in (0, 1], got {mlm_probability}": 0 < mlm_probability <= 1,
             "mask_replace_prob and random_replace_prob must be >= 0": min(mask_replace_prob, random_replace_prob) >= 0,
             "mask_replace_prob + random_replace_prob must be at most 1": mask_replace_prob + random_replace_prob <= 1,
@@ -128,12 +136,14 @@ class MaskedLanguageModeling(PretrainingObjective):
         for message, ok in checks.items():
             if not ok:
                 raise ConfigurationError(message)
-        self.mlm_probability, self.mask_seed = mlm_probability, mask_seed
+        self.mlm_probability, self.mask_seed, self.framing = mlm_probability, mask_seed, framing
         self.mask_replace_prob, self.random_replace_prob = mask_replace_prob, random_replace_prob
         self.collator: DataCollatorForLanguageModeling | None = None  # set by bind()
 
     def layout(self, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> BlockLayout:
-        """BERT's blocks of ``seq_len`` tokens; see :meth:`PretrainingObjective.layout`."""
+        """Blocks of ``seq_len`` tokens as ``framing`` says; see :meth:`PretrainingObjective.layout`."""
+        if self.framing == "cramming":
+            return BlockLayout(seq_len, tokenizer.sep_token_id)
         return BlockLayout.bert(tokenizer, seq_len)
 
     def bind(self, tokenizer: PreTrainedTokenizerFast) -> None:
