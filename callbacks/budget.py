@@ -13,12 +13,15 @@ only decides *when to stop*, *when to validate or checkpoint*, and logs what was
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from app.accounting.clock import Budget, BudgetUnit, ReferenceClock, analytic_flops_model, budget_spent
 from app.accounting.cost_models import RSTProfile
@@ -157,7 +160,9 @@ class ReferenceTimeBudget(Callback):
         elif self.validate_every is not None:
             trainer.val_check_batch = _NEVER
         if self._passed("checkpoint") and not trainer.should_stop:
-            trainer.save_checkpoint(self._checkpoint_path(trainer))
+            path = self._checkpoint_path(trainer)
+            trainer.save_checkpoint(path)
+            self._replace_last(trainer, path)
         for hours in self.checkpoint_at_hours[self._marks["at_hours"]:]:
             if not budget_spent(clock.rst_seconds / 3600.0, hours):
                 break
@@ -181,6 +186,33 @@ class ReferenceTimeBudget(Callback):
             self._marks[what] = intervals
             return True
         return False
+
+    def _replace_last(self, trainer: Trainer, source: Path | None = None) -> None:
+        """Make ``checkpoints/last.ckpt`` the newest state: a copy of ``source``, or a fresh save.
+
+        Written beside and renamed into place, so a kill while writing leaves the previous one whole.
+        ``--ckpt_path last`` resumes it (Lightning looks for ``last*.ckpt`` in the checkpoint directory).
+        """
+        last = self._checkpoint_path(trainer).with_name("last.ckpt")
+        partial = last.with_name(".last.ckpt.partial")
+        if source is None:
+            trainer.save_checkpoint(partial)
+        elif trainer.is_global_zero:
+            shutil.copyfile(source, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, last)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # SIGTERM (and SLURM's pre-emption signals, which Lightning turns into it) ends the run at a
+        # batch boundary: keep that state as last.ckpt when it is also an update boundary (mid-update,
+        # the accumulated gradients would be lost, so the previous last.ckpt stays the newest).
+        if not isinstance(exception, SIGTERMException) or self.clock is None:
+            return
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if batches % trainer.accumulate_grad_batches == 0:
+            self._replace_last(trainer)
+            rank_zero_info(f"ntng: SIGTERM: saved {self._checkpoint_path(trainer).with_name('last.ckpt')} at update "
+                           f"{trainer.global_step}; resume with --ckpt_path last")
 
     def _checkpoint_path(self, trainer: Trainer) -> Path:
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
