@@ -27,6 +27,7 @@ from app.accounting.clock import Budget, BudgetUnit, ReferenceClock, analytic_fl
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError
 from app.modules.budgeted import require_budgeted_module
+from callbacks.export import HuggingFaceExport
 
 # Lightning validates when (batch index + 1) % val_check_batch == 0; "never" without an inf, which
 # Lightning reads as "validate at every epoch end".
@@ -215,7 +216,7 @@ class ReferenceTimeBudget(Callback):
                            f"{trainer.global_step}; resume with --ckpt_path last")
 
     def _checkpoint_path(self, trainer: Trainer) -> Path:
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = HuggingFaceExport.run_directory(trainer)
         return run_dir / "checkpoints" / f"rst-{self.clock.rst_seconds / 3600.0:.4f}h.ckpt"
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from callbacks.export import HuggingFaceExport
 
 
 class TokenThroughput(Callback):
@@ -89,18 +90,14 @@ class RunRecord(Callback):
         self._depths: list[float] = []
         self._last_val_loss: float | None = None
 
-    @staticmethod
-    def directory(trainer: Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
-
     def _write(self, trainer: Trainer, row: dict) -> None:
         if trainer.is_global_zero:
-            with open(self.directory(trainer) / "curve.jsonl", "a") as handle:
+            with open(HuggingFaceExport.run_directory(trainer) / "curve.jsonl", "a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
-        path = self.directory(trainer) / "curve.jsonl"
+        path = HuggingFaceExport.run_directory(trainer) / "curve.jsonl"
         if trainer.is_global_zero and path.is_file():
             # Rows past the checkpoint were written by a run that did not get to save them.
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -163,7 +160,7 @@ class RunRecord(Callback):
             "wall_seconds": self.wall_seconds, "final_val_loss": self._last_val_loss,
             "budget": budget.amount if budget else None, "unit": budget.unit if budget else None,
         }
-        (self.directory(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (HuggingFaceExport.run_directory(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         running = time.perf_counter() - self._started if self._started is not None else 0.0

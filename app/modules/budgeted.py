@@ -234,6 +234,22 @@ class BudgetedModule(LightningModule):
         return directory
 
 
+def set_training_dropout(model: torch.nn.Module, probability: float) -> None:
+    """Train ``model`` with dropout ``probability`` while its config keeps the configured (fine-tuning)
+    dropout, which the export carries.
+
+    HF modules read their probability from ``nn.Dropout.p``, except attention that keeps it as a number:
+    T5's ``dropout`` and ModernBERT's ``attention_dropout``.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+            continue
+        for name in ("dropout", "attention_dropout"):
+            if type(getattr(module, name, None)) in (float, int):
+                setattr(module, name, probability)
+
+
 def row_means(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row mean of the losses of the tokens that carry a label, in row-major label order.
 

@@ -18,7 +18,7 @@ from app.model.backbones import build_masked_lm, masked_lm_logits, max_sequence_
 from app.model.layers import LayerAdapter
 from app.model.shapes import apply_shape
 from app.model.schedules import LRSchedule
-from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward
+from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward, set_training_dropout
 
 
 class MaskedLanguageModel(BudgetedModule):
@@ -92,15 +92,9 @@ class MaskedLanguageModel(BudgetedModule):
                 f"seq_len {seq_len} exceeds the model's maximum of {max_sequence_length(hf_config, self.family)} "
                 f"positions (raise config.max_position_embeddings)"
             )
-        # Train with ``pretraining_dropout`` but leave the config alone, so the export carries the
-        # configured (fine-tuning) dropout. HF attention reads its probability from ``dropout.p``,
-        # except ModernBERT's, which keeps a float ``attention_dropout`` (and builds its output
-        # dropout as Identity when the config's probability is 0, so it can only be lowered).
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = pretraining_dropout
-            elif type(getattr(module, "attention_dropout", None)) in (float, int):
-                module.attention_dropout = pretraining_dropout
+        # ModernBERT builds its attention output dropout as Identity when the config's probability is
+        # 0, so there pretraining dropout can only be lowered.
+        set_training_dropout(self.model, pretraining_dropout)
         self.layers = LayerAdapter(self.model)
         self.sparse_prediction = sparse_prediction
         self.seq_len = seq_len

@@ -27,7 +27,7 @@ from app.errors import ConfigurationError
 from app.model.layers import LayerAdapter
 from app.model.shapes import apply_shape
 from app.model.schedules import LRSchedule
-from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward
+from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward, set_training_dropout
 
 # T5 v1.1 (Raffel et al. 2020; the v1.1 checkpoints): gated-GELU FFN, untied head, no dropout while
 # pretraining; the rest of the shape comes from the recipe's ``config``.
@@ -100,13 +100,7 @@ class SpanCorruptionModel(BudgetedModule):
             raise ConfigurationError(f"tokenizer has {vocab_size} tokens but the model embeds only {hf_config.vocab_size}")
         if pad_token_id is not None and hf_config.pad_token_id != pad_token_id:
             raise ConfigurationError(f"tokenizer pad id {pad_token_id} differs from the model's {hf_config.pad_token_id}")
-        # Train with ``pretraining_dropout`` but leave the config alone, so the export carries the
-        # configured (fine-tuning) dropout. T5 attention keeps its probability as a float ``dropout``.
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = pretraining_dropout
-            elif isinstance(getattr(module, "dropout", None), float):
-                module.dropout = pretraining_dropout
+        set_training_dropout(self.model, pretraining_dropout)
         self.layers = LayerAdapter(self.model)
         self.seq_len = seq_len
 
