@@ -1,3 +1,4 @@
 """The ntng application: the ``ntng`` command (``cli``), recipes (``recipe``), LightningModules
 (``modules``), model building (``model``), budget accounting (``accounting``), downstream scoring
-and reports (``evaluation``), the commands that train nothing (``commands``), and ``errors``."""
+and reports (``evaluation``), the commands that train nothing (``commands``), run directories and resume (``runs``),
+kill-safe writes (``files``), and ``errors``."""

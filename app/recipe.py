@@ -9,11 +9,15 @@ call :func:`build_recipe` to get the same trainer, module, data module and callb
 
 from __future__ import annotations
 
+import argparse
+import re
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from app.errors import ConfigurationError
+from app.runs import prepare_run_directory
 from callbacks.budget import ReferenceTimeBudget
 from callbacks.export import HuggingFaceExport
 from callbacks.monitoring import RunRecord, TokenThroughput
@@ -41,11 +45,24 @@ class NtngCLI(LightningCLI):
         # The tokenizer decides the vocabulary; the model must agree with it, so link, never repeat.
         for name, source in self.model_links.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument("--resume", type=bool, default=False,
+                            help="fit: continue the newest checkpoint of this run (the newest version directory "
+                                 "that has one), or start a new run when there is none")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: delete an earlier run in the (fixed) run directory instead of refusing")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            config = self.config.fit
+            prepare_run_directory(config, config.resume, config.overwrite)
 
     def parse_arguments(self, parser, args) -> None:
         # ntng always passes the arguments it was given (the console script's, or a command's own
         # recipe arguments), so LightningCLI's warning about args differing from sys.argv does not apply.
-        self.config = parser.parse_args(list(args))
+        try:
+            self.config = parser.parse_args(list(args))
+        except argparse.ArgumentError as err:  # the parser is built with exit_on_error=False
+            raise ConfigurationError(parse_error_line(str(err))) from err
 
 
 class PlanningCLI(NtngCLI):
@@ -53,6 +70,53 @@ class PlanningCLI(NtngCLI):
     built without reading the corpus or training a tokenizer (``ntng plan``)."""
 
     model_links = {"vocab_size": "planned_vocab_size", "pad_token_id": "planned_pad_token_id", "seq_len": "seq_len"}
+
+
+_CLASS = re.compile(r"<class '(?:builtins\.)?([^']+)'>")  # "<class 'float'>" -> "float"
+
+
+def _type_name(text: str) -> str:
+    if text == "NoneType":
+        return "None"
+    if text.startswith("typing.Literal["):
+        return "one of " + ", ".join(re.findall(r"'([^']*)'", text)) if "'" in text else text
+    return text
+
+
+def parse_error_line(message: str) -> str:
+    """jsonargparse's multi-line parse error as one line: the key, what is wrong, and how to fix it.
+
+    Args:
+        message: the ``ArgumentError`` text, e.g. ``Parser key "budget.budget": ... Given value: abc``.
+
+    Returns:
+        E.g. ``budget.budget: expected float or None, got 'abc'; fix it in the recipe or on the command line``.
+    """
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', message.splitlines()[0] if message else "")
+    if key is None:
+        if message.startswith("unrecognized arguments:"):
+            given = " ".join(a for a in message.split(":", 1)[1].split() if a.startswith("-"))
+            return f"unrecognized arguments: {given}; `ntng fit --help` lists the options"
+        return message.splitlines()[0] if message else "could not parse the arguments"
+    name, rest = key.groups()
+    option = re.search(r"class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
+    if option:
+        class_path, bad = option.groups()
+        return (f"{name}: {class_path} has no option {bad!r}; `ntng fit --{name}.help {class_path}` lists its "
+                "options")
+    message, rest = _CLASS.sub(r"\1", message), _CLASS.sub(r"\1", rest)
+    fix = "check the -c paths" if name == "config" else "fix it in the recipe or on the command line"
+    if rest:  # a one-line reason: a scalar of the wrong type, a missing config file
+        return f"{name}: {rest.rstrip('.')}; {fix}"
+    found = re.findall(r"Expected an? (.+?)(?:\. Got value: (.*))?$", message, flags=re.MULTILINE)
+    expected = [_type_name(t) for t, _ in found]
+    given = re.search(r"Given value: (.*)", message)
+    given = given.group(1) if given else next((g for _, g in found if g), None)
+    if expected:
+        got = f", got {given!r}" if given is not None else ""
+        return f"{name}: expected {' or '.join(dict.fromkeys(expected))}{got}; {fix}"
+    details = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+    return f"{name}: {details[-1] if details else 'invalid value'}; {fix}"
 
 
 def build_cli(args: Sequence[str], run: bool = True, cli_class: type[NtngCLI] = NtngCLI) -> NtngCLI:
@@ -64,6 +128,7 @@ def build_cli(args: Sequence[str], run: bool = True, cli_class: type[NtngCLI] = 
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # errors become one ntng: error: line, not usage + message
         args=list(args),
         run=run,
     )

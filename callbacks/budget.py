@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from app.accounting.clock import Budget, BudgetUnit, ReferenceClock, analytic_flops_model, budget_spent
 from app.accounting.cost_models import RSTProfile
-from app.errors import ConfigurationError
+from app.errors import ConfigurationError, TrainingDiverged
+from app.files import staging_path
 from app.modules.budgeted import require_budgeted_module
 from callbacks.export import HuggingFaceExport
 
@@ -87,6 +89,7 @@ class ReferenceTimeBudget(Callback):
         self._spent_at_last_step = 0.0
         self._last_step_cost = 0.0
         self._step_started: float | None = None
+        self._nonfinite_loss: torch.Tensor | bool = False  # any micro-batch of this update had a NaN/inf loss
 
     @staticmethod
     def _cadence(hours: float | None, fraction: float | None) -> tuple[str, float] | None:
@@ -146,8 +149,12 @@ class ReferenceTimeBudget(Callback):
             now = time.perf_counter()
             clock.add_wall_seconds(trainer.strategy.broadcast(now - self._step_started, src=0))
             self._step_started = now
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):  # no host sync here: the flag stays on the device until the update ends
+            self._nonfinite_loss = ~torch.isfinite(loss.detach()) | self._nonfinite_loss
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # decisions are taken at optimizer-step boundaries only
+        self._stop_if_diverged(trainer)
         spent = clock.spent()
         self._last_step_cost, self._spent_at_last_step = spent - self._spent_at_last_step, spent
         pl_module.log("rst/seconds", clock.rst_seconds)
@@ -162,13 +169,39 @@ class ReferenceTimeBudget(Callback):
             trainer.val_check_batch = _NEVER
         if self._passed("checkpoint") and not trainer.should_stop:
             path = self._checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
+            self._save(trainer, pl_module, path)
             self._replace_last(trainer, path)
         for hours in self.checkpoint_at_hours[self._marks["at_hours"]:]:
             if not budget_spent(clock.rst_seconds / 3600.0, hours):
                 break
             self._marks["at_hours"] += 1
-            trainer.save_checkpoint(self._checkpoint_path(trainer).with_name(f"at-{hours:g}h.ckpt"))
+            self._save(trainer, pl_module, self._checkpoint_path(trainer).with_name(f"at-{hours:g}h.ckpt"))
+
+    def _stop_if_diverged(self, trainer: Trainer) -> None:
+        """End the run, keeping the last good checkpoint, when an update's loss was NaN or inf on any rank."""
+        flag = self._nonfinite_loss
+        self._nonfinite_loss = False
+        diverged = bool(flag.item()) if isinstance(flag, torch.Tensor) else flag
+        if trainer.strategy.reduce_boolean_decision(diverged, all=False):
+            raise TrainingDiverged(f"the training loss became NaN or inf at update {trainer.global_step} "
+                                   f"({self.clock.rst_seconds / 3600.0:.4g} RST h); nothing was saved after the "
+                                   f"last good checkpoint ({self._last_path(trainer)}); lower the learning "
+                                   "rate or use fp32/bf16 instead of fp16, then resume or start again")
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule, path: Path) -> None:
+        """Save a checkpoint beside ``path`` and rename it into place (a kill mid-write leaves no torn file)."""
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        if trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            # A finite loss followed by an inf gradient leaves NaN weights before any loss shows it.
+            raise TrainingDiverged(f"the weights became NaN or inf by update {trainer.global_step}; the checkpoint "
+                                   f"{path.name} was not written, the last good one is kept "
+                                   f"({self._last_path(trainer)}); lower the learning rate, then resume or start again")
+        trainer.save_checkpoint(staging_path(path))
+        if trainer.is_global_zero:
+            os.replace(staging_path(path), path)
+
+    def _last_path(self, trainer: Trainer) -> Path:
+        return self._checkpoint_path(trainer).with_name("last.ckpt")
 
     def _should_stop(self) -> bool:
         if self.stop_rule == "after_crossing":
@@ -194,8 +227,8 @@ class ReferenceTimeBudget(Callback):
         Written beside and renamed into place, so a kill while writing leaves the previous one whole.
         ``--ckpt_path last`` resumes it (Lightning looks for ``last*.ckpt`` in the checkpoint directory).
         """
-        last = self._checkpoint_path(trainer).with_name("last.ckpt")
-        partial = last.with_name(".last.ckpt.partial")
+        last = self._last_path(trainer)
+        partial = staging_path(last)
         if source is None:
             trainer.save_checkpoint(partial)
         elif trainer.is_global_zero:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from app.files import write_text_atomic
 from callbacks.export import HuggingFaceExport
 
 
@@ -102,7 +103,7 @@ class RunRecord(Callback):
             # Rows past the checkpoint were written by a run that did not get to save them.
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             kept = [row for row in rows if row["updates"] <= trainer.global_step]
-            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
             vals = [row["loss"] for row in kept if row["kind"] == "val"]
             self._last_val_loss = vals[-1] if vals else self._last_val_loss
         elif trainer.is_global_zero:
@@ -160,7 +161,7 @@ class RunRecord(Callback):
             "wall_seconds": self.wall_seconds, "final_val_loss": self._last_val_loss,
             "budget": budget.amount if budget else None, "unit": budget.unit if budget else None,
         }
-        (HuggingFaceExport.run_directory(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(HuggingFaceExport.run_directory(trainer) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         running = time.perf_counter() - self._started if self._started is not None else 0.0

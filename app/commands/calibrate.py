@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from app.accounting.cost_models import PassCost, RSTProfile, fit_linear
+from app.files import write_text_atomic
 from app.recipe import build_recipe
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> None:
         "recipe": [str(path) for path in args.config],
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(profile.to_yaml())
+    write_text_atomic(output, profile.to_yaml())
     print(f"wrote {output} ({profile.provenance['device']}, {profile.provenance['precision']})")
     for kind, cost in profile.passes.items():
         _, _, worst = fit_linear(cost.table)

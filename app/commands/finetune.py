@@ -61,6 +61,7 @@ from app.model.backbones import MASKED_LM_FAMILIES, max_sequence_length
 from app.errors import ConfigurationError
 from app.evaluation.metrics import rouge_l, score, summarize
 from app.evaluation.reports import markdown_table, write_predictions, write_results, write_submission
+from app.files import write_text_atomic
 from app.modules.finetuner import SUITE_LEARNING_RATES, FineTuner, TaskModule, load_config, predict
 from app.modules.text_to_text import TextToTextFineTuner
 from datamodules.tasks.datamodule import TaskDataModule, is_text_to_text
@@ -415,7 +416,7 @@ class SuiteRun:
         settings = asdict(s)
         write_results(self.output / "results.json", s.suite, summary, self.skipped, settings)
         table = markdown_table(summary, self.skipped)
-        (self.output / "results.md").write_text(table)
+        write_text_atomic(self.output / "results.md", table)
         self.log_summary(summary, settings)
         return summary
 
@@ -452,12 +453,12 @@ def submittable(spec: TaskSpec, split: str, predictions: list[Any]) -> list[Any]
 def write_generations(path: Path, spec: TaskSpec, examples: list[Example], predictions: list[str]) -> Path:
     """JSONL of generation predictions: ``{"idx", "task", "prediction", "references", "rouge_l"}``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        for example, text in zip(examples, predictions, strict=True):
-            best = max(rouge_l(text, reference) for reference in example.answers)
-            line = {"idx": example.idx, "task": example.group, "prediction": text,
-                    "references": list(example.answers), "rouge_l": best}
-            handle.write(json.dumps(line) + "\n")
+    lines = []
+    for example, text in zip(examples, predictions, strict=True):
+        best = max(rouge_l(text, reference) for reference in example.answers)
+        lines.append(json.dumps({"idx": example.idx, "task": example.group, "prediction": text,
+                                 "references": list(example.answers), "rouge_l": best}) + "\n")
+    write_text_atomic(path, "".join(lines))
     return path
 
 

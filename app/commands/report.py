@@ -25,6 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from app.errors import ConfigurationError
 from app.evaluation import comparison as cmp
 from app.evaluation import plots
+from app.files import write_text_atomic
 
 _HOW_TO_READ = (
     "Every cell is one pretraining run with an equal reference-system-time (RST) budget; comparing "
@@ -404,10 +405,10 @@ def write_report(sweep_dir: Path, output: Path, epoch: str = "final") -> Path:
     blocks += _tables(data)
     figure_blocks, data["figures"] = _figures(cells, data, output)
     blocks += figure_blocks + [("h2", "How to read this"), ("p", _HOW_TO_READ)]
-    (output / "report.md").write_text(_markdown(blocks))
-    (output / "report.json").write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(output / "report.md", _markdown(blocks))
+    write_text_atomic(output / "report.json", json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
     path = output / "report.html"
-    path.write_text(_html(blocks, output))
+    write_text_atomic(path, _html(blocks, output))
     return path
 
 

@@ -33,8 +33,10 @@ import torch
 from app.commands.report import main as report_main
 from app.commands.sweep_spec import Cell, SweepSpec
 from app.errors import ConfigurationError
+from app.files import write_text_atomic
 from app.model.schedules import WarmupStableDecay
 from app.recipe import build_recipe
+from app.runs import newest_checkpoint
 from callbacks.budget import ReferenceTimeBudget
 
 FIT_DIR = "fit/version_0"
@@ -105,12 +107,6 @@ def wsd_decay_fraction(spec: SweepSpec) -> float:
     if len(fractions) != 1:
         raise ConfigurationError(f"branch_budgets needs one decay_fraction for every method, got {sorted(fractions)}")
     return fractions.pop()
-
-
-def newest_checkpoint(directory: Path) -> Path | None:
-    """The most recently written checkpoint of a run (where a killed fit resumes)."""
-    checkpoints = sorted((directory / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return checkpoints[-1] if checkpoints else None
 
 
 def run_subprocess(command: list[str], log) -> int:
@@ -213,7 +209,7 @@ class SweepRunner:
         source = Path(ckpt).parents[1] / "curve.jsonl"
         rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(json.dumps(r) + "\n" for r in rows if r["updates"] <= step))
+        write_text_atomic(target, "".join(json.dumps(r) + "\n" for r in rows if r["updates"] <= step))
 
     # -- cell.json ------------------------------------------------------------------------------------
 
@@ -238,7 +234,7 @@ class SweepRunner:
     def _save(self, cell: Cell, state: dict[str, Any]) -> None:
         if "unit" not in state and (fit := state.get("fit")):
             state["unit"] = fit.get("unit")
-        (cell.directory(self.root) / "cell.json").write_text(json.dumps(state, indent=2) + "\n")
+        write_text_atomic(cell.directory(self.root) / "cell.json", json.dumps(state, indent=2) + "\n")
 
     # -- the sweep --------------------------------------------------------------------------------
 
@@ -304,7 +300,7 @@ def main(argv: list[str]) -> None:
         raise ConfigurationError(f"--unit must be in 0..{len(units) - 1}, got {args.unit}")
     if args.emit == "slurm":
         (root / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM does not create --output's directory
-        (root / "sweep.slurm").write_text(slurm_script(spec, root))
+        write_text_atomic(root / "sweep.slurm", slurm_script(spec, root))
         print(f"wrote {root / 'sweep.slurm'}: {len(units)} array tasks for {len(spec.cells)} cells")
         return
     runner = SweepRunner(spec, root)

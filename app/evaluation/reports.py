@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from app.evaluation.metrics import AVERAGES
+from app.files import write_text_atomic
 from datamodules.tasks.spec import Example, TaskSpec
 
 
@@ -62,7 +63,7 @@ def write_results(path: str | Path, suite: str, results: dict, skipped: dict[str
     target = path if path.suffix == ".json" else path / "results.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     document = results_document(suite, results, skipped, settings)
-    target.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(target, json.dumps(document, indent=2, allow_nan=False) + "\n")
     return target
 
 
@@ -105,13 +106,14 @@ def write_predictions(path: str | Path, spec: TaskSpec, examples: list[Example],
     chosen entity, for ReCoRD). Labels/predictions are class ids, floats (STS-B) or candidate indices."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        for example, pred in zip(examples, predictions, strict=True):
-            pred = float(pred) if spec.kind == "regression" else int(pred)
-            line = {"idx": example.idx, "label": example.label, "prediction": pred}
-            if spec.name == "record":
-                line["prediction_text"] = example.candidate_texts[pred]
-            handle.write(json.dumps(_json_safe(line)) + "\n")
+    lines = []
+    for example, pred in zip(examples, predictions, strict=True):
+        pred = float(pred) if spec.kind == "regression" else int(pred)
+        line = {"idx": example.idx, "label": example.label, "prediction": pred}
+        if spec.name == "record":
+            line["prediction_text"] = example.candidate_texts[pred]
+        lines.append(json.dumps(_json_safe(line)) + "\n")
+    write_text_atomic(path, "".join(lines))
     return path
 
 
@@ -154,7 +156,7 @@ def write_submission(directory: str | Path, spec: TaskSpec, split: str, examples
             else:
                 value = spec.label_names[int(pred)]
             rows.append(f"{example.idx}\t{value}")
-        path.write_text("\n".join(rows) + "\n")
+        write_text_atomic(path, "\n".join(rows) + "\n")
         return path
     if spec.name == "multirc":
         # Regroup the per-answer predictions into paragraph -> question -> answers (hand-written).
@@ -167,5 +169,5 @@ def write_submission(directory: str | Path, spec: TaskSpec, split: str, examples
                  for p, qs in passages.items()]
     else:
         lines = [{"idx": e.idx, "label": _superglue_label(spec, e, int(p))} for e, p in pairs]
-    path.write_text("".join(json.dumps(_json_safe(line)) + "\n" for line in lines))
+    write_text_atomic(path, "".join(json.dumps(_json_safe(line)) + "\n" for line in lines))
     return path

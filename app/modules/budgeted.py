@@ -41,6 +41,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from app.accounting.clock import ReferenceClock
 from app.errors import ConfigurationError
+from app.files import atomic_directory
 from app.model.layers import LayerAdapter, truncated_model
 from app.model.param_groups import weight_decay_groups
 from app.model.schedules import LRSchedule, OneCycleTriangle
@@ -203,6 +204,12 @@ class BudgetedModule(LightningModule):
         checkpoint["model_depth"] = self.model_depth
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the weights after this hook; a checkpoint of another model would fail there
+        # with a page of size mismatches, so name the first difference and the fix instead.
+        if (difference := state_dict_difference(self.state_dict(), checkpoint.get("state_dict", {}))) is not None:
+            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ConfigurationError(f"{source} was saved by a different model ({difference}); resume it with "
+                                     "the recipe that wrote it, or start a new run without --ckpt_path/--resume")
         # A resumed run continues the same clock exactly (the budget callback attached it in setup).
         if self.clock is not None and "reference_clock" in checkpoint:
             self.clock.load_state_dict(checkpoint["reference_clock"])
@@ -217,20 +224,21 @@ class BudgetedModule(LightningModule):
         the config's depth updated). Its config carries the configured (fine-tuning) dropout.
 
         Args:
-            directory: target directory, created if needed.
+            directory: target directory, created (or replaced) whole.
             tokenizer: a tokenizer with ``save_pretrained``, written next to the weights.
 
         Returns:
             The directory.
         """
         directory = Path(directory)
-        if self.model_depth is not None and self.model_depth < self.layers.num_layers():
-            truncated_model(self.model, self.model_depth).save_pretrained(directory)
-        else:
-            with self.layers.active(None), self.layers.unscaled():
-                self.model.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        with atomic_directory(directory) as staging:  # a kill mid-export leaves the previous export whole
+            if self.model_depth is not None and self.model_depth < self.layers.num_layers():
+                truncated_model(self.model, self.model_depth).save_pretrained(staging)
+            else:
+                with self.layers.active(None), self.layers.unscaled():
+                    self.model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         return directory
 
 
@@ -248,6 +256,27 @@ def set_training_dropout(model: torch.nn.Module, probability: float) -> None:
         for name in ("dropout", "attention_dropout"):
             if type(getattr(module, name, None)) in (float, int):
                 setattr(module, name, probability)
+
+
+def state_dict_difference(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str | None:
+    """The first way ``found`` (a checkpoint's weights) does not fit ``expected`` (a model's), or None.
+
+    Args:
+        expected: the model's ``state_dict()``.
+        found: the checkpoint's ``state_dict``.
+
+    Returns:
+        E.g. ``"model.encoder.layer.0.attention... has shape (64, 64), the checkpoint (128, 128)"``.
+    """
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        return f"{len(missing)} weights missing, e.g. {missing[0]}"
+    if unexpected:
+        return f"{len(unexpected)} weights this model does not have, e.g. {unexpected[0]}"
+    for key, value in expected.items():
+        if tuple(value.shape) != tuple(found[key].shape):
+            return f"{key} has shape {tuple(value.shape)}, the checkpoint {tuple(found[key].shape)}"
+    return None
 
 
 def row_means(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
