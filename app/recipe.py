@@ -53,8 +53,7 @@ class NtngCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
-            config = self.config.fit
-            prepare_run_directory(config, config.resume, config.overwrite)
+            prepare_run_directory(self.config.fit)
 
     def parse_arguments(self, parser, args) -> None:
         # ntng always passes the arguments it was given (the console script's, or a command's own

@@ -91,21 +91,20 @@ class RunLocation:
         return None
 
 
-def prepare_run_directory(config: Any, resume: bool, overwrite: bool) -> None:
+def prepare_run_directory(config: Any) -> None:
     """Resolve ``--resume`` / ``--ckpt_path`` and refuse to write over an earlier run, before anything is built.
 
     Args:
-        config: the ``fit`` subcommand's parsed config; its ``ckpt_path`` and logger version are
+        config: the ``fit`` subcommand's parsed config. Its ``resume`` continues the newest checkpoint
+            of this run (or starts a new run when there is none); its ``overwrite`` deletes an earlier
+            run the fit would otherwise refuse to write over. Its ``ckpt_path`` and logger version are
             set here when resuming.
-        resume: continue the newest checkpoint of this run (``--resume``), or start a new run when
-            there is none.
-        overwrite: delete an existing run directory the fit would otherwise refuse to write into.
 
     Raises:
         ConfigurationError: ``--resume`` with an explicit ``--ckpt_path``; a ``--ckpt_path`` file that
             does not exist; a fresh fit into a directory that holds an earlier run.
     """
-    location, ckpt_path = RunLocation(config), config.ckpt_path
+    location, ckpt_path, resume = RunLocation(config), config.ckpt_path, config.resume
     if resume and ckpt_path not in (None, "last"):
         raise ConfigurationError(f"--resume continues this run's newest checkpoint, but --ckpt_path={ckpt_path} "
                                  "names one; give one of the two")
@@ -128,7 +127,7 @@ def prepare_run_directory(config: Any, resume: bool, overwrite: bool) -> None:
     if directory is None or config.ckpt_path is not None:
         return  # a new version directory, or a resume that continues what is there
     if outputs := run_outputs(directory):
-        if not overwrite:
+        if not config.overwrite:
             raise ConfigurationError(
                 f"{directory} already holds a run ({', '.join(outputs[:3])}); continue it with --resume, "
                 "start a new version by not fixing the logger's version (or give another directory), "

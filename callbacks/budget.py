@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from app.accounting.clock import Budget, BudgetUnit, ReferenceClock, analytic_flops_model, budget_spent
 from app.accounting.cost_models import RSTProfile
 from app.errors import ConfigurationError, TrainingDiverged
-from app.files import staging_path
+from app.files import atomic_path, staging_path
 from app.modules.budgeted import require_budgeted_module
 from callbacks.export import HuggingFaceExport
 
@@ -196,6 +196,11 @@ class ReferenceTimeBudget(Callback):
             raise TrainingDiverged(f"the weights became NaN or inf by update {trainer.global_step}; the checkpoint "
                                    f"{path.name} was not written, the last good one is kept "
                                    f"({self._last_path(trainer)}); lower the learning rate, then resume or start again")
+        self._write(trainer, path)
+
+    @staticmethod
+    def _write(trainer: Trainer, path: Path) -> None:
+        # Every rank takes part in save_checkpoint (rank 0 writes); only rank 0 renames.
         trainer.save_checkpoint(staging_path(path))
         if trainer.is_global_zero:
             os.replace(staging_path(path), path)
@@ -228,13 +233,11 @@ class ReferenceTimeBudget(Callback):
         ``--ckpt_path last`` resumes it (Lightning looks for ``last*.ckpt`` in the checkpoint directory).
         """
         last = self._last_path(trainer)
-        partial = staging_path(last)
         if source is None:
-            trainer.save_checkpoint(partial)
+            self._write(trainer, last)
         elif trainer.is_global_zero:
-            shutil.copyfile(source, partial)
-        if trainer.is_global_zero:
-            os.replace(partial, last)
+            with atomic_path(last) as staging:
+                shutil.copyfile(source, staging)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # SIGTERM (and SLURM's pre-emption signals, which Lightning turns into it) ends the run at a
