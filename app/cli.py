@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from app.commands import calibrate, finetune, il_losses, plan, report, sweep
 from app.errors import ConfigurationError
 from app.recipe import build_cli
@@ -32,6 +34,10 @@ def main(args: Sequence[str] | None = None) -> None:
             command(argv[1:])
         else:
             build_cli(argv)  # fit, validate, test, and LightningCLI's own --help
+    except SIGTERMException:
+        # A pre-emption notice, not a failure of the run: the budget callback said what it saved.
+        print("ntng: stopped by SIGTERM; continue this run with --resume", file=sys.stderr)
+        sys.exit(128 + 15)  # what a shell reports for a process ended by SIGTERM
     except Exception as err:
         cause = _configuration_error(err)
         if cause is None:
