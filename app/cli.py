@@ -23,6 +23,7 @@ COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "sweep": sweep.main,
     "report": report.main,
 }
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -30,6 +31,9 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         command = COMMANDS.get(argv[0]) if argv else None
+        if argv and command is None and not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:
+            raise ConfigurationError(f"unknown command {argv[0]!r}; the commands are "
+                                     f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])} (`ntng --help`)")
         if command is not None:
             command(argv[1:])
         else:

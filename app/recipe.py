@@ -61,7 +61,8 @@ class NtngCLI(LightningCLI):
         try:
             self.config = parser.parse_args(list(args))
         except argparse.ArgumentError as err:  # the parser is built with exit_on_error=False
-            raise ConfigurationError(parse_error_line(str(err))) from err
+            broken = _unreadable_config(args) if str(err).startswith("Problems parsing config") else None
+            raise ConfigurationError(broken or parse_error_line(str(err))) from err
 
 
 class PlanningCLI(NtngCLI):
@@ -82,6 +83,26 @@ def _type_name(text: str) -> str:
     return text
 
 
+def _unreadable_config(args: Sequence[str]) -> str | None:
+    """The first ``-c`` file that is not valid YAML, as an error line (jsonargparse does not name it)."""
+    import yaml
+
+    paths = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path) as handle:
+                yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or "cannot be parsed"
+            return f"config {path}: not valid YAML{where} ({problem}); fix the file"
+        except OSError:
+            continue
+    return None
+
+
 def parse_error_line(message: str) -> str:
     """jsonargparse's multi-line parse error as one line: the key, what is wrong, and how to fix it.
 
@@ -92,6 +113,11 @@ def parse_error_line(message: str) -> str:
         E.g. ``budget.budget: expected float or None, got 'abc'; fix it in the recipe or on the command line``.
     """
     key = re.match(r'Parser key "([^"]+)":\s*(.*)', message.splitlines()[0] if message else "")
+    unknown = re.match(r"Subcommand '([^']+)' does not accept option '([^']+)'", message)
+    if unknown:  # a key in a -c file that no class takes
+        command, name = unknown.groups()
+        return (f"{name}: no such option (a key in a -c file or a --{name} argument); check the spelling, "
+                f"`ntng {command} --help` lists the options")
     if key is None:
         if message.startswith("unrecognized arguments:"):
             given = " ".join(a for a in message.split(":", 1)[1].split() if a.startswith("-"))
@@ -105,6 +131,12 @@ def parse_error_line(message: str) -> str:
                 "options")
     message, rest = _CLASS.sub(r"\1", message), _CLASS.sub(r"\1", rest)
     fix = "check the -c paths" if name == "config" else "fix it in the recipe or on the command line"
+    nested = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+)", message)
+    if nested:  # a bad value of one init arg of a subclass (data, model, a callback): name that arg
+        class_path, inner, reason = nested.groups()
+        value = re.match(r"Expected an? (.+?)\. Got value: (.*)$", reason.strip())
+        what = f"expected {_type_name(value[1])}, got {value[2]!r}" if value else reason.strip().rstrip(".")
+        return f"{name}.init_args.{inner}: {what} ({class_path}); {fix}"
     if rest:  # a one-line reason: a scalar of the wrong type, a missing config file
         return f"{name}: {rest.rstrip('.')}; {fix}"
     found = re.findall(r"Expected an? (.+?)(?:\. Got value: (.*))?$", message, flags=re.MULTILINE)

@@ -72,6 +72,10 @@ class ReferenceTimeBudget(Callback):
         checkpoint_every_fraction: float | None = None,
         checkpoint_at_hours: list[float] | None = None,
     ) -> None:
+        if budget is not None and not budget > 0:
+            raise ConfigurationError(f"budget.budget={budget:g}: the budget must be positive; set it to what the run "
+                                     f"may spend in budget.unit ({unit}), e.g. --budget.budget=0.001, or to null to "
+                                     "stop at trainer.max_steps")
         self.budget = Budget(budget, unit) if budget is not None else None
         if stop_rule not in ("after_crossing", "before_crossing"):
             raise ConfigurationError(f"stop_rule must be after_crossing or before_crossing, got {stop_rule!r}")

@@ -151,12 +151,15 @@ class ProgressiveLayerDrop(Callback):
         scale_outputs: bool = False,
         seed: int | None = None,
     ) -> None:
+        where = "ProgressiveLayerDrop (trainer.callbacks init_args)"
         if not 0.0 < theta_bar <= 1.0:
-            raise ConfigurationError(f"theta_bar must be in (0, 1], got {theta_bar}")
+            raise ConfigurationError(f"{where}: theta_bar must be in (0, 1], got {theta_bar:g}: it is the keep ratio "
+                                     "the schedule decays to (1 drops nothing); set e.g. theta_bar: 0.5 (NTNG)")
         if gamma_f < 0.0:
-            raise ConfigurationError(f"gamma_f must be >= 0, got {gamma_f}")
+            raise ConfigurationError(f"{where}: gamma_f must be >= 0, got {gamma_f:g} (how fast the keep ratio "
+                                     "decays); set e.g. gamma_f: 100 (NTNG's BERT)")
         if resample not in ("micro_batch", "step"):
-            raise ConfigurationError(f"resample must be 'micro_batch' or 'step', got {resample!r}")
+            raise ConfigurationError(f"{where}: resample must be 'micro_batch' or 'step', got {resample!r}")
         self.theta_bar, self.gamma_f, self.resample = theta_bar, gamma_f, resample
         self.scale_outputs, self.seed = scale_outputs, seed
         self._seed = 0

@@ -78,13 +78,16 @@ def resolve_schedule(path_lengths: Sequence[int] | None, stage_fractions: Sequen
     lengths = list(path_lengths or default_path_lengths(num_layers))
     fractions = check_schedule(lengths, stage_fractions)
     if bad := [i for i in fixed_layers if not -num_layers <= i < num_layers]:
-        raise ConfigurationError(f"RaPTr fixed_layers {bad} are out of range for {num_layers} layers")
+        raise ConfigurationError(f"RaPTr fixed_layers {bad} are out of range for {num_layers} layers; give layer "
+                                 f"indices in [-{num_layers}, {num_layers - 1}]")
     fixed = tuple(sorted({i % num_layers for i in fixed_layers} | set(always_active)))
     if lengths[-1] != num_layers:
         raise ConfigurationError(f"RaPTr's last stage must train the full model: path_lengths {lengths} must end "
-                                 f"at the model's depth {num_layers}")
+                                 f"at the model's depth {num_layers}; set trainer.callbacks.path_lengths to "
+                                 f"increasing lengths ending at {num_layers}, or null to derive them from the model")
     if lengths[0] < len(fixed):
-        raise ConfigurationError(f"RaPTr path_lengths {lengths} are shorter than the {len(fixed)} fixed layers")
+        raise ConfigurationError(f"RaPTr path_lengths {lengths} are shorter than the {len(fixed)} fixed layers "
+                                 f"{list(fixed)}; lengthen the first path or fix fewer layers (fixed_layers)")
     if sampling == "bernoulli" and not fixed:
         raise ConfigurationError("RaPTr bernoulli sampling needs a fixed layer: it could draw an empty path")
     return lengths, fractions, fixed

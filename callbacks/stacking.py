@@ -98,14 +98,26 @@ class GrowthSchedule:
         """Raises ``ConfigurationError`` unless the schedule fits a model of ``full_depth`` layers."""
         depths = " -> ".join(map(str, self.depths()))
         if not self.initial_layers < full_depth:
-            raise ConfigurationError(f"stacking: initial_layers must be below the model's {full_depth} layers")
+            raise ConfigurationError(
+                f"stacking: initial_layers={self.initial_layers} must be below the model's {full_depth} layers "
+                f"(schedule {depths}); set trainer.callbacks.initial_layers{self._fitting(full_depth)}")
         if self.growth == "double" and self.depths()[-1] != full_depth:
             raise ConfigurationError(
                 f"stacking: doubling {depths} must end at the model's {full_depth} layers; "
-                "change initial_layers or the number of growth_fractions"
+                f"change initial_layers or the number of growth_fractions{self._fitting(full_depth)}"
             )
         if self.depths()[-1] > full_depth:
-            raise ConfigurationError(f"stacking: adding layers {depths} exceeds the model's {full_depth} layers")
+            raise ConfigurationError(f"stacking: adding layers {depths} exceeds the model's {full_depth} layers; "
+                                     "lower initial_layers or add_layers, or use fewer growth_fractions")
+
+    def _fitting(self, full_depth: int) -> str:
+        """A doubling schedule that ends at ``full_depth`` (as a hint), or nothing when there is none."""
+        events = len(self.growth_fractions)
+        for count in [events, *range(events - 1, 0, -1), *range(events + 1, 5)]:
+            if full_depth % 2**count == 0 and full_depth // 2**count >= 1:
+                fractions = "" if count == events else f" and {count} growth fraction{'s' * (count != 1)}"
+                return f", e.g. initial_layers={full_depth // 2**count}{fractions} with growth: double"
+        return ""
 
 
 def apply_growth(layers: LayerAdapter, copies: Sequence[tuple[int, int]], optimizer: torch.optim.Optimizer,

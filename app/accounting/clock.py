@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping, Protocol
 from torch import nn
 
 from app.accounting.cost_models import AnalyticFlops
+from app.errors import ConfigurationError
 
 BudgetUnit = Literal["rst_hours", "wall_hours", "tokens", "steps", "flops"]
 BUDGET_UNITS: tuple[str, ...] = ("rst_hours", "wall_hours", "tokens", "steps", "flops")
@@ -53,9 +54,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.unit not in BUDGET_UNITS:
-            raise ValueError(f"budget unit must be one of {BUDGET_UNITS}, got {self.unit!r}")
-        if self.amount <= 0:
-            raise ValueError(f"budget must be positive, got {self.amount}")
+            raise ConfigurationError(f"budget unit must be one of {', '.join(BUDGET_UNITS)}, got {self.unit!r}")
+        if not self.amount > 0:
+            raise ConfigurationError(f"budget must be positive, got {self.amount:g} {self.unit}")
 
 
 class ReferenceClock:

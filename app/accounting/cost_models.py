@@ -88,9 +88,11 @@ class RSTProfile:
         if not path.is_file() and not path.is_absolute() and (SHIPPED_ROOT / path).is_file():
             path = SHIPPED_ROOT / path
         if not path.is_file():
-            raise ConfigurationError(f"RST profile not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+            raise ConfigurationError(f"RST profile not found: {path}; give an existing profile (configs/rst/ ships "
+                                     "some) or measure one for this model with `ntng calibrate -c <recipe> --output "
+                                     f"{path}`")
         try:
+            raw = yaml.safe_load(path.read_text()) or {}
             passes = {
                 kind: PassCost(
                     table={int(k): float(v) for k, v in (spec.get("table") or {}).items()},
@@ -108,8 +110,12 @@ class RSTProfile:
                 provenance=dict(raw.get("provenance") or {}),
                 layer_parameter_share={k: float(v) for k, v in (raw.get("layer_parameter_share") or {}).items()},
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigurationError(f"malformed RST profile {path}: {err!r}") from err
+        except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as err:
+            problem = (f"missing key {err}" if isinstance(err, KeyError) else
+                       " ".join(str(err).split()) if isinstance(err, yaml.YAMLError) else f"{type(err).__name__}: {err}")
+            raise ConfigurationError(f"malformed RST profile {path}: {problem}; a profile states passes (a table "
+                                     "per pass kind) and reference_tokens: fix it, or re-make it with `ntng "
+                                     "calibrate`") from err
         unknown = set(passes) - set(PASS_KINDS)
         if unknown or "forward_backward" not in passes:
             raise ConfigurationError(f"RST profile {path} needs pass kinds among {PASS_KINDS}, got {sorted(passes)}")
@@ -177,7 +183,8 @@ class RSTProfile:
         if differences and not allow_mismatch:
             raise ConfigurationError(
                 f"RST profile {self.name!r} was measured for another model ({'; '.join(differences)}); "
-                "calibrate one for this model with `ntng calibrate` or set allow_profile_mismatch"
+                "calibrate one for this model with `ntng calibrate`, or set budget.allow_profile_mismatch=true to "
+                "price this model with it anyway"
             )
         return differences
 

@@ -49,7 +49,9 @@ class PlanSettings:
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ConfigurationError(
-                f"batch size {self.batch_size} must be a positive multiple of the micro-batch {self.micro_batch_size}"
+                f"batch size {self.batch_size} must be a positive multiple of the micro-batch {self.micro_batch_size}; "
+                "give a --batch-size that is --micro-batch-size x the micro-batches per update (a recipe's batch is "
+                "data micro_batch_size x trainer.accumulate_grad_batches x devices)"
             )
         if not self.layers:
             raise ConfigurationError(f"no layer depth to plan for (profile {self.profile.name!r} states no model.layers)")

@@ -8,7 +8,6 @@ the model signature, and the command prints how well ``fixed + per_layer * depth
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import statistics
@@ -19,6 +18,8 @@ from typing import Callable
 import torch
 
 from app.accounting.cost_models import PassCost, RSTProfile, fit_linear
+from app.commands import CommandParser
+from app.errors import ConfigurationError
 from app.files import write_text_atomic
 from app.recipe import build_recipe
 
@@ -127,7 +128,7 @@ def _software() -> dict[str, str]:
 
 def main(argv: list[str]) -> None:
     """``ntng calibrate`` entry point."""
-    parser = argparse.ArgumentParser(prog="ntng calibrate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="ntng calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", action="append", required=True, help="recipe YAML (repeatable)")
     parser.add_argument("--output", required=True, help="profile YAML to write (e.g. configs/rst/<name>.yaml)")
     parser.add_argument("--name", default=None, help="profile name (default: the output's file name)")
@@ -135,6 +136,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median kept)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args, overrides = parser.parse_known_args(argv)
+    if args.warmup < 0 or args.repeats < 1:
+        flag, value = ("--warmup", args.warmup) if args.warmup < 0 else ("--repeats", args.repeats)
+        raise ConfigurationError(f"ntng calibrate {flag} {value}: --warmup must be at least 0 and --repeats at "
+                                 "least 1 (the median is taken over the repeats); e.g. --warmup 3 --repeats 10")
 
     cli = build_recipe(args.config, overrides)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer

@@ -57,6 +57,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoTokenizer
 
+from app.commands import CommandParser
 from app.model.backbones import MASKED_LM_FAMILIES, max_sequence_length
 from app.errors import ConfigurationError
 from app.evaluation.metrics import rouge_l, score, summarize
@@ -107,7 +108,7 @@ class FinetuneSettings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ntng finetune", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="ntng finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="HF-format checkpoint directory (with its tokenizer); T5 is fine-tuned text-to-text")
     parser.add_argument("--suite", required=True, choices=sorted(SUITE_EPOCHS),
@@ -161,7 +162,8 @@ def resolve_settings(args: argparse.Namespace) -> FinetuneSettings:
             raise ConfigurationError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     model = Path(args.model).expanduser()
     if not (model / "config.json").is_file():
-        raise ConfigurationError(f"model directory {model} has no config.json (pass an HF-format checkpoint)")
+        raise ConfigurationError(f"--model {model}: not a model directory (no config.json); pass an HF-format "
+                                 "checkpoint, e.g. a pretraining run's hf/ export")
     text_to_text = is_text_to_text(load_config(model))
     if args.suite == "sni" and not text_to_text:
         raise ConfigurationError(

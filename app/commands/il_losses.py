@@ -13,7 +13,6 @@ The workflow (Mindermann et al. 2022; NTNG):
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import sys
@@ -25,6 +24,7 @@ import torch
 
 from app.accounting.cost_models import RSTProfile
 from app.accounting.planning import PLANNED_UNITS
+from app.commands import CommandParser
 from app.commands.plan import plan_method, recipe_settings
 from app.errors import ConfigurationError
 from app.recipe import build_recipe
@@ -94,7 +94,7 @@ def planned_candidate_epochs(cli: Any, data: Any) -> tuple[int, str] | None:
 
 def main(argv: list[str]) -> None:
     """``ntng il-losses`` entry point."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ntng il-losses",
         description="Irreducible loss of every training example of a recipe, for RHO-loss.",
         epilog="Unknown arguments (e.g. --data.init_args.num_workers=8) override the recipe.",
@@ -110,7 +110,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args, overrides = parser.parse_known_args(argv)
     if args.epochs is not None and args.epochs < 1:
-        raise ConfigurationError("--epochs must be >= 1")
+        raise ConfigurationError(f"ntng il-losses --epochs {args.epochs}: --epochs must be >= 1 (masking epochs to "
+                                 "cover); leave it out to cover what the recipe's budget reads")
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigurationError(f"ntng il-losses --model {args.model}: not an HF model directory (no config.json); "
+                                 "give the IL run's export, <run>/hf, which `ntng fit` writes when the IL model's "
+                                 "run ends")
 
     cli = build_recipe(args.config, overrides)
     data, trainer = cli.datamodule, cli.trainer

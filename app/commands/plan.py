@@ -24,6 +24,7 @@ from jsonargparse import ArgumentParser
 from app.accounting.clock import Budget, analytic_flops_model
 from app.accounting.cost_models import RSTProfile
 from app.accounting.planning import PlanSettings, PricedMethod, UpdateCost, baseline_update_cost, plan_budget
+from app.commands import CommandParser
 from app.errors import ConfigurationError
 from app.model.layers import family_traits
 from app.recipe import build_recipe
@@ -192,7 +193,11 @@ def plan_flags(argv: list[str], selection_rate: float | None = None) -> Plan:
     try:
         config = parser.parse_args(argv)
     except argparse.ArgumentError as err:
-        raise ConfigurationError(f"ntng plan: {err}") from err
+        raise ConfigurationError(f"ntng plan: {_flag_names(str(err), parser)}; `ntng plan --help` lists the "
+                                 "flags") from err
+    if not config.budget_hours > 0:
+        raise ConfigurationError(f"ntng plan --budget-hours {config.budget_hours:g}: the budget must be positive; "
+                                 "give the RST hours the run may spend, e.g. --budget-hours 24")
     cls, implied = METHODS[config.method]
     settings = profile_settings(RSTProfile.load(config.profile), config.batch_size, config.micro_batch_size,
                                 config.seq_len, config.optimizer or implied or "AdamW", selection_rate)
@@ -201,6 +206,15 @@ def plan_flags(argv: list[str], selection_rate: float | None = None) -> Plan:
         method = cls(**{key: value for key, value in vars(config[config.method]).items()})
     budget = Budget(config.budget_hours, "rst_hours")
     return plan_method(method, config.method, settings, budget, config.stop_rule)
+
+
+def _flag_names(message: str, parser: ArgumentParser) -> str:
+    """jsonargparse names missing flags by their destination (``batch_size``): name them as typed."""
+    head, found, missing = message.partition("the following arguments are required: ")
+    if not found:
+        return message
+    flags = {action.dest: action.option_strings[-1] for action in parser._actions if action.option_strings}
+    return head + found + ", ".join(flags.get(name.strip(), name.strip()) for name in missing.split(","))
 
 
 def _round(value: float) -> float | int:
@@ -225,13 +239,15 @@ def print_plan(plan: Plan, output_format: str) -> None:
 
 def main(argv: list[str]) -> None:
     """``ntng plan`` entry point."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = CommandParser(prog="ntng plan", add_help=False)
     common.add_argument("-c", "--config", action="append", default=[])
     common.add_argument("--format", default="table", choices=["table", "json"])
     common.add_argument("--selection-rate", type=float, default=None)
     known, rest = common.parse_known_args(argv)
     if known.selection_rate is not None and not 0 < known.selection_rate <= 1:
-        raise ConfigurationError(f"--selection-rate must be in (0, 1], got {known.selection_rate}")
+        raise ConfigurationError(f"ntng plan --selection-rate {known.selection_rate:g}: --selection-rate must be in "
+                                 "(0, 1] (the share of scored examples a selection method kept); leave it out to "
+                                 "plan with the method's expectation")
     if known.config:
         plan = plan_recipe(build_recipe(known.config, rest, planning=True), known.selection_rate)
     elif {"-h", "--help"} & set(rest) or not rest:

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from app.commands import CommandParser
 from app.errors import ConfigurationError
 from app.evaluation import comparison as cmp
 from app.evaluation import plots
@@ -52,7 +53,7 @@ _CSS = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ntng report", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="ntng report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, metavar="DIR", help="the sweep's directory (holds cells/)")
     parser.add_argument("--output", type=Path, help="where to write the report (default DIR/report)")
     parser.add_argument("--epoch", choices=("final", "best"), default="final",
@@ -127,7 +128,8 @@ def load_cells(sweep_dir: Path, epoch: str) -> tuple[list[tuple[Path, cmp.Cell]]
             unreadable.append((path.parent, f"{type(err).__name__}: {err}"))
     if not cells and not unreadable:
         raise ConfigurationError(f"no sweep cells under {sweep_dir} "
-                                 f"(expected {sweep_dir}/cells/<method>/b<budget>/s<seed>/cell.json)")
+                                 f"(expected {sweep_dir}/cells/<method>/b<budget>/s<seed>/cell.json); pass the "
+                                 "directory `ntng sweep` wrote (its --output, default runs/sweeps/<name>)")
     return cells, unreadable
 
 

@@ -19,7 +19,6 @@ warmup) runs on the largest budget's axis until the branch point.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from app.commands import CommandParser
 from app.commands.report import main as report_main
 from app.commands.sweep_spec import Cell, SweepSpec
 from app.errors import ConfigurationError
@@ -284,7 +284,7 @@ ntng sweep -c {sweep} --output {out} --unit "$SLURM_ARRAY_TASK_ID" --no-report
 
 def main(argv: list[str]) -> None:
     """``ntng sweep`` entry point."""
-    parser = argparse.ArgumentParser(prog="ntng sweep", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="ntng sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", required=True, help="sweep file (configs/sweeps/*.yaml)")
     parser.add_argument("--output", default=None, help="sweep directory (default: runs/sweeps/<name>)")
     parser.add_argument("--dry-run", action="store_true", help="print every step's ntng command line, run nothing")

@@ -19,6 +19,7 @@ A sweep file (``configs/sweeps/*.yaml``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,18 +125,26 @@ class SweepSpec:
         """Read and check a sweep file (paths inside it are found from here or from the checkout)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigurationError(f"sweep file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+            raise ConfigurationError(f"sweep file not found: {path}; pass a sweep YAML with -c (configs/sweeps/ "
+                                     "ships some)")
         where = f"sweep file {path}"
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigurationError(f"{where}: not valid YAML ({' '.join(str(err).split())}); fix the file") from None
         _check_keys(raw, SWEEP_KEYS, where)
         for key in ("recipe", "budgets", "seeds", "methods"):
             if not raw.get(key):
                 raise ConfigurationError(f"{where}: `{key}` is required")
+        if not isinstance(raw["methods"], dict):
+            raise ConfigurationError(f"{where}: methods must be a mapping from method name to its settings, got "
+                                     f"{raw['methods']!r}; write e.g. `methods: {{baseline: {{}}, layer_drop: "
+                                     "{overlays: [configs/methods/layer_drop.yaml]}}`")
         methods = []
         for name, spec in raw["methods"].items():
             spec = spec or {}
             _check_keys(spec, METHOD_KEYS, f"{where}, method {name}")
-            overlays = tuple(find_file(o, f"{where}, method {name}") for o in spec.get("overlays") or ())
+            overlays = tuple(find_file(o, f"{where}, method {name}", _overlay_hint) for o in spec.get("overlays") or ())
             methods.append(MethodSpec(str(name), overlays, tuple(str(a) for a in spec.get("overrides") or ())))
         suites = []
         for spec in raw.get("finetune") or ():
@@ -148,15 +157,17 @@ class SweepSpec:
                 epochs=spec.get("epochs"), seeds=tuple(spec.get("seeds") or (0,)),
                 args=tuple(str(a) for a in spec.get("args") or ()),
             ))
-        budgets = tuple(float(b) for b in raw["budgets"])
-        if any(b <= 0 for b in budgets) or len(set(budgets)) != len(budgets):
-            raise ConfigurationError(f"{where}: budgets must be positive and distinct, got {list(budgets)}")
+        budgets = _numbers(raw["budgets"], float, f"{where}: budgets")
+        if any(not b > 0 for b in budgets) or len(set(budgets)) != len(budgets):
+            raise ConfigurationError(f"{where}: budgets must be positive and distinct, got {list(budgets)}; give "
+                                     "each budget once, in the recipe's budget unit")
+        seeds = _numbers(raw["seeds"], int, f"{where}: seeds")
         for key in ("validate_every_fraction", "checkpoint_every_fraction"):
-            if key in raw and not 0 < float(raw[key]) <= 1:
+            if key in raw and not 0 < _numbers([raw[key]], float, f"{where}: {key}")[0] <= 1:
                 raise ConfigurationError(f"{where}: {key} must be in (0, 1], got {raw[key]}")
         return cls(
             name=str(raw.get("name", path.stem)), recipe=find_file(raw["recipe"], where), methods=tuple(methods),
-            budgets=budgets, seeds=tuple(int(s) for s in raw["seeds"]),
+            budgets=budgets, seeds=seeds,
             overrides=tuple(str(a) for a in raw.get("overrides") or ()), finetune=tuple(suites),
             validate_every_fraction=float(raw.get("validate_every_fraction", 0.1)),
             checkpoint_every_fraction=float(raw.get("checkpoint_every_fraction", 0.25)),
@@ -164,13 +175,34 @@ class SweepSpec:
         )
 
 
-def find_file(name: str, where: str) -> str:
+def find_file(name: str, where: str, hint: Callable[[], str] | None = None) -> str:
     """``name`` as given when it exists from here, else from the ntng checkout (shipped configs)."""
     if Path(name).is_file():
         return str(name)
     if not Path(name).is_absolute() and (SHIPPED_ROOT / name).is_file():
         return str(SHIPPED_ROOT / name)
-    raise ConfigurationError(f"{where}: file not found: {name}")
+    raise ConfigurationError(f"{where}: file not found: {name}{hint() if hint else ''}")
+
+
+def _overlay_hint() -> str:
+    names = ", ".join(sorted(p.stem for p in (SHIPPED_ROOT / "configs" / "methods").glob("*.yaml")))
+    return f"; give an overlay that exists: configs/methods/<name>.yaml ships {names} (T5: configs/t5/methods/)"
+
+
+def _numbers(values: object, kind: type, where: str) -> tuple:
+    """``values`` (a list) as numbers of ``kind``, or a ConfigurationError naming the bad one."""
+    if not isinstance(values, list):
+        raise ConfigurationError(f"{where}: expected a list of numbers, got {values!r}; write e.g. [0.001, 0.002]")
+    numbers = []
+    for value in values:
+        try:
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            numbers.append(kind(value))
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{where}: {value!r} is not a{'n integer' if kind is int else ' number'}; "
+                                     "give plain numbers (in the recipe's budget unit for budgets)") from None
+    return tuple(numbers)
 
 
 def _check_keys(raw: object, allowed: set[str], where: str) -> None:

@@ -62,17 +62,21 @@ def resolve_sources(sources: list[str]) -> list[Source]:
         if path.is_dir():
             files = [p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS]
             if not files:
-                raise ConfigurationError(f"corpus directory {name} has no {'/'.join(LOCAL_FORMATS)} files")
+                raise ConfigurationError(f"corpus directory {name} has no {'/'.join(LOCAL_FORMATS)} files; put the "
+                                         "corpus in such files (.txt: documents separated by blank lines) or "
+                                         "point data.init_args.sources at them")
             resolved += [Source(path=p) for p in sorted(files, key=lambda p: p.relative_to(path).parts)]
         elif path.exists():
             if path.suffix not in LOCAL_FORMATS:
                 raise ConfigurationError(
                     f"unsupported corpus file type {path.suffix or '(none)'!r} for {name}: "
-                    f"expected one of {', '.join(LOCAL_FORMATS)}"
+                    f"expected one of {', '.join(LOCAL_FORMATS)}; convert or rename it"
                 )
             resolved.append(Source(path=path))
         elif looks_like_path(name):
-            raise ConfigurationError(f"corpus source not found: {name}")
+            raise ConfigurationError(f"corpus source not found: {name}; data.init_args.sources takes existing "
+                                     "files, directories or hub dataset names (relative paths are read from "
+                                     "the working directory)")
         else:
             resolved.append(Source(hub_name=name))
     return resolved
@@ -104,16 +108,34 @@ def source_fingerprints(sources: list[Source], hub_config: str | None, hub_split
     return parts
 
 
+def not_utf8_text(path: Path) -> ConfigurationError:
+    """The error for a text file that does not decode as UTF-8: its first such line, its byte, the fix."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                where, byte = f"line {number}", f"byte 0x{raw[error.start]:02x}"
+                break
+        else:  # every line decodes alone (a byte-order mark inside the file)
+            where, byte = "a line", "an undecodable byte"
+    return ConfigurationError(f"{path}, {where}: not UTF-8 text ({byte}); convert the file to UTF-8, e.g. "
+                              f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`")
+
+
 def _read_txt(path: Path) -> Iterator[str]:
     # utf-8-sig drops a BOM; text mode's universal newlines turn CRLF into "\n".
     lines: list[str] = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for line in handle:
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            for line in handle:
+                if line.strip():
+                    lines.append(line.rstrip("\n"))
+                elif lines:
+                    yield "\n".join(lines)
+                    lines = []
+    except UnicodeDecodeError:
+        raise not_utf8_text(path) from None
     if lines:
         yield "\n".join(lines)
 
@@ -124,24 +146,31 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     Raises:
         ConfigurationError: naming the file and line of invalid JSON or a non-object line.
     """
-    with path.open(encoding="utf-8-sig") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ConfigurationError(f"{path}, line {line}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ConfigurationError(f"{path}, line {line}: expected a JSON object")
-            yield line, record
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            for line, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ConfigurationError(f"{path}, line {line}: invalid JSON ({error.msg} at column "
+                                             f"{error.colno}); fix the line: one JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise ConfigurationError(f"{path}, line {line}: expected a JSON object, got "
+                                             f"{type(record).__name__}; fix the line: one JSON object per line")
+                yield line, record
+    except UnicodeDecodeError:
+        raise not_utf8_text(path) from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     for number, record in read_jsonl(path):
         text = record.get(text_field)
         if not isinstance(text, str):
-            raise ConfigurationError(f"{path} line {number} has no string field {text_field!r}")
+            fields = ", ".join(sorted(record)) or "none"
+            raise ConfigurationError(f"{path}, line {number}: no string field {text_field!r} (its fields: {fields}); "
+                                     "set data.init_args.text_field to the field that holds the text")
         yield text
 
 

@@ -149,7 +149,9 @@ class PretrainingDataModule(LightningDataModule):
             "train_split: holdout needs holdout_fraction > 0": train_split == "train" or holdout_fraction > 0,
             "streaming has no holdout split (holdout_fraction needs cached blocks)": not (streaming and holdout_fraction),
             "split_seed and shuffle_seed must be >= 0": min(split_seed, shuffle_seed or 0) >= 0,
-            "micro_batch_size and eval_batch_size must be >= 1": min(micro_batch_size, eval_batch_size or 1) >= 1,
+            f"data.init_args.micro_batch_size={micro_batch_size}, eval_batch_size={eval_batch_size}: batch sizes "
+            "must be >= 1 (sequences per forward; eval_batch_size null uses the micro-batch); set positive "
+            "ones": min(micro_batch_size, eval_batch_size or 1) >= 1,
             "num_workers must be >= 0": num_workers >= 0,
         }
         for message, ok in checks.items():
@@ -253,7 +255,8 @@ class PretrainingDataModule(LightningDataModule):
         documents = corpus.iter_documents(self._sources, h.text_field, h.hub_config, h.hub_split, h.max_documents)
         first = next(documents, None)
         if first is None:
-            raise ConfigurationError(f"corpus is empty: no documents in {', '.join(h.sources)}")
+            raise ConfigurationError(f"corpus is empty: no documents in {', '.join(h.sources)}; check "
+                                     "data.init_args.sources (and text_field, max_documents)")
         yield first
         yield from documents
 

@@ -44,6 +44,7 @@ from functools import partial
 from pathlib import Path
 
 from app.errors import ConfigurationError
+from datamodules.pretraining.corpus import not_utf8_text
 from datamodules.tasks.spec import Example, MissingTaskData, TaskSpec
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -64,11 +65,14 @@ class Layout:
 
 def read_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line number, fields)`` for each non-blank line of a GLUE TSV file."""
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for fields in reader:
-            if len(fields) > 1 or (fields and fields[0].strip()):
-                yield reader.line_num, fields
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for fields in reader:
+                if len(fields) > 1 or (fields and fields[0].strip()):
+                    yield reader.line_num, fields
+    except UnicodeDecodeError:
+        raise not_utf8_text(path) from None
 
 
 def _column(header: list[str], names: tuple[str, ...], path: Path) -> int:
@@ -116,7 +120,8 @@ def read_split(layout: Layout, label_names: tuple[str, ...], splits: tuple[str, 
     for row, (line, fields) in enumerate(rows):
         if len(fields) != len(header):
             raise ConfigurationError(
-                f"{path}, line {line}: expected {len(header)} tab-separated columns, found {len(fields)}")
+                f"{path}, line {line}: expected {len(header)} tab-separated columns ({', '.join(header)}), found "
+                f"{len(fields)}; fix the row (a tab inside a text field splits it) or re-download the task")
         try:
             examples.append(Example(
                 idx=row if index is None else int(fields[index]),

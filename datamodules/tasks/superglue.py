@@ -90,9 +90,10 @@ def read_split(build: Builder, files: dict[str, str], test_splits: tuple[str, ..
         try:
             examples.extend(build(record, split not in test_splits))
         except KeyError as error:
-            raise ConfigurationError(f"{path}, line {line}: missing field {error}") from None
+            raise ConfigurationError(f"{path}, line {line}: missing field {error}; every {task_dir.name} record "
+                                     "needs it: fix the line or re-download the task") from None
         except (TypeError, ValueError, IndexError, AttributeError) as error:
-            raise ConfigurationError(f"{path}, line {line}: {error}") from None
+            raise ConfigurationError(f"{path}, line {line}: {error}; fix the line or re-download the task") from None
     return examples
 
 
