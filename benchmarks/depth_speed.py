@@ -56,7 +56,7 @@ def main() -> None:
     data = PretrainingDataModule(["datamodules/samples/gutenberg"], tokenizer_vocab_size=8192, seq_len=128,
                                  val_size=64, micro_batch_size=args.micro_batch_size)
     data.setup("fit")
-    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    batch = next(iter(data.train_dataloader()))  # made into examples by the loader
     module = MaskedLanguageModel(
         config={"num_hidden_layers": args.layers, "hidden_size": 256, "num_attention_heads": 4,
                 "intermediate_size": 1024, "max_position_embeddings": 130},

@@ -348,23 +348,41 @@ def test_masking_replacement_shares_at_the_edges(collator, replace, randomise):
 # ----------------------------------------------------------------------------------------------- loaders
 
 
-def test_loaders_and_batch_hook(tmp_path):
+def test_loaders_make_examples_in_the_loader_with_the_sampler_epoch_and_the_hook_counts(tmp_path):
     dm = make_dm(tmp_path, eval_batch_size=5)
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert len(train) == len(dm.train_example_ids) // 8
-    batch = next(iter(train))
-    assert batch["input_ids"].shape == (8, 32) and batch["input_ids"].dtype == torch.long
-    assert batch["example_ids"].dtype == torch.int64 and batch["example_ids"].shape == (8,)
-    assert next(iter(val))["example_ids"].tolist() == dm.val_example_ids[:5].tolist()
+
+    def expected(batch, epoch):  # the objective applied to the unmodified blocks of the batch's rows
+        blocks = torch.from_numpy(np.asarray(dm.blocks)[batch["example_ids"].numpy()].astype(np.int64))
+        return mask_tokens(blocks, batch["example_ids"], dm.collator, seed=0, epoch=epoch)
+
+    for epoch in (0, 2):  # Lightning sets the sampler's epoch before each epoch
+        train.sampler.set_epoch(epoch)
+        batch = next(iter(train))
+        assert set(batch) == {"input_ids", "labels", "example_ids"} and batch["input_ids"].shape == (8, 32)
+        assert batch["input_ids"].dtype == torch.long and batch["example_ids"].dtype == torch.int64
+        masked, labels = expected(batch, epoch)
+        assert torch.equal(batch["input_ids"], masked) and torch.equal(batch["labels"], labels)
+    batch = next(iter(val))  # evaluation: always epoch 0
+    assert batch["example_ids"].tolist() == dm.val_example_ids[:5].tolist()
+    assert torch.equal(batch["labels"], expected(batch, 0)[1])
+
+    # In training the hook passes the batch on and counts it for the checkpointed position.
     dm.trainer = SimpleNamespace(training=True, current_epoch=2, num_training_batches=len(train))
-    out = dm.on_before_batch_transfer(dict(batch), 0)
-    assert set(out) == {"input_ids", "labels", "example_ids"}
-    expected = mask_tokens(batch["input_ids"], batch["example_ids"], dm.collator, seed=0, epoch=2)
-    assert torch.equal(out["input_ids"], expected[0]) and torch.equal(out["labels"], expected[1])
-    dm.trainer = SimpleNamespace(training=False, current_epoch=2)  # validation: always epoch 0
-    expected = mask_tokens(batch["input_ids"], batch["example_ids"], dm.collator, seed=0, epoch=0)
-    assert torch.equal(dm.on_before_batch_transfer(dict(batch), 0)["labels"], expected[1])
+    assert dm.on_before_batch_transfer(batch, 0) is batch
+    assert train.state_dict()["batches"] == 1
+
+
+def test_a_replaced_training_batch_is_not_made_into_examples(tmp_path):
+    dm = make_dm(tmp_path)
+    dm.setup("fit")
+    dm.training_batches_replaced = True  # what a batch-selection callback sets at its setup
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "example_ids"}  # the row count, stacked blocks, no masking
+    blocks = np.asarray(dm.blocks)[batch["example_ids"].numpy()].astype(np.int64)
+    assert torch.equal(batch["input_ids"], torch.from_numpy(blocks))
 
 
 def test_lightning_fit_sees_masked_batches(tmp_path):
@@ -468,7 +486,7 @@ def test_streaming_local_jsonl(tmp_path, monkeypatch):
     cached.tokenizer.save_pretrained(tmp_path / "tok")
     dm = make_dm(tmp_path, sources=[str(jsonl)], tokenizer=str(tmp_path / "tok"), streaming=True, val_size=3)
     dm.setup("fit")
-    val = [s for b in dm.val_dataloader() for s in zip(b["example_ids"].tolist(), b["input_ids"], strict=True)]
+    val = [(s["example_ids"], s["input_ids"]) for s in dm.val_dataloader().dataset]  # the blocks, before masking
     assert [i for i, _ in val] == [0, 1, 2] and dm.val_example_ids.tolist() == [0, 1, 2]
     train = list(dm.train_dataloader().dataset)
     ids = [s["example_ids"] for s in train]

@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data.prepare_data()
     data.setup("fit")
-    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    batch = next(iter(data.train_dataloader()))  # made into examples by the loader
     batch = {key: value.to(device) for key, value in batch.items()}
     module.to(device)
     profile = calibrate_module(

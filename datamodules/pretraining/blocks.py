@@ -106,7 +106,11 @@ def _sample(example_id: int, block: np.ndarray) -> dict:
 
 
 class PackedBlocks(Dataset):
-    """Map-style view of the cached blocks with ids ``example_ids``; the ``.npy`` is memory-mapped."""
+    """Map-style view of the cached blocks with ids ``example_ids``; the ``.npy`` is memory-mapped.
+
+    An item is ``{"input_ids", "example_ids"}``; keyed by an ``(epoch, index)`` pair (what the
+    training sampler yields) it also carries ``"epoch"``, which the training collate masks with.
+    """
 
     def __init__(self, path: Path, example_ids: np.ndarray) -> None:
         self.path, self.example_ids, self._blocks = path, example_ids, None
@@ -114,11 +118,13 @@ class PackedBlocks(Dataset):
     def __len__(self) -> int:
         return len(self.example_ids)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         if self._blocks is None:
             self._blocks = np.load(self.path, mmap_mode="r")
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         example_id = int(self.example_ids[index])
-        return _sample(example_id, self._blocks[example_id])
+        sample = _sample(example_id, self._blocks[example_id])
+        return sample if epoch is None else {**sample, "epoch": epoch}
 
     def __getstate__(self) -> dict:
         # Worker processes map the file themselves instead of receiving a pickled in-memory copy.

@@ -32,7 +32,7 @@ from app.errors import ConfigurationError
 from datamodules.pretraining import corpus
 from datamodules.pretraining.blocks import BlockPacker, PackedBlocks, StreamedBlocks, split_example_ids
 from datamodules.pretraining.mlm_masking import MaskedLanguageModeling
-from datamodules.pretraining.objective import BlockLayout, PretrainingObjective
+from datamodules.pretraining.objective import BlockLayout, PretrainingObjective, TrainingCollate
 from datamodules.pretraining.sampling import ResumableLoader, ResumableSampler, TrainingPosition
 from datamodules.pretraining.tokenizer import (
     cached_tokenizer, load_tokenizer, publish, reserved_token_count, tokenizer_fingerprint, trained_pad_token_id,
@@ -53,8 +53,11 @@ class PretrainingDataModule(LightningDataModule):
     Batches reaching the model are the objective's ``{"input_ids": LongTensor[B, seq_len], "labels":
     LongTensor[B, T], "example_ids": LongTensor[B]}`` (masked LM: masked inputs, ``T = seq_len``,
     labels -100 where nothing is predicted; span corruption: inputs with sentinels, the targets as
-    labels); the loaders yield the unmodified blocks as ``input_ids`` with their ``example_ids``,
-    and the objective is applied in ``on_before_batch_transfer``.
+    labels). The objective runs where the batches are made: in the loader workers for cached
+    blocks (training with the epoch the sampler drew each block in, evaluation with epoch 0), so
+    with ``num_workers > 0`` it is off the training process's critical path; streamed training
+    blocks are made into examples in ``on_before_batch_transfer`` (a stream has no epoch-tagged
+    sampler).
 
     Args:
         sources: Local ``.txt`` (blank-line separated documents), ``.jsonl`` or ``.parquet`` files,
@@ -167,6 +170,9 @@ class PretrainingDataModule(LightningDataModule):
         self._cache_dir = Path(cache_dir or os.environ.get("NTNG_CACHE_DIR") or "~/.cache/ntng").expanduser()
         self._tokenizer: PreTrainedTokenizerFast | None = None
         self._position: TrainingPosition | None = None  # of the latest resumable training loader
+        # Set by a batch-selection callback that replaces every training batch's tensors with its own
+        # rows: Lightning's batches then only give the row count, so they are not made into examples.
+        self.training_batches_replaced = False
         self._corpus_parts: dict | None = None
         self._train = self._val = None
         # Set by setup(): the memory-mapped blocks (not when streaming) and the split's sorted ids;
@@ -341,9 +347,9 @@ class PretrainingDataModule(LightningDataModule):
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         seed = h.shuffle_seed if h.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         sampler = ResumableSampler(self._train, seed, replicas, rank)
-        loader = ResumableLoader(
-            self._train, sampler=sampler, batch_size=h.micro_batch_size, drop_last=True, **self._loader_options()
-        )
+        collate = TrainingCollate(self._bound_objective(), apply=not self.training_batches_replaced)
+        loader = ResumableLoader(self._train, sampler=sampler, batch_size=h.micro_batch_size, drop_last=True,
+                                 collate_fn=collate, **self._loader_options())
         self._position = loader.position
         return loader
 
@@ -352,23 +358,26 @@ class PretrainingDataModule(LightningDataModule):
         if len(self.val_example_ids) == 0:
             return []
         size = self.hparams.eval_batch_size or self.hparams.micro_batch_size
-        return DataLoader(self._val, batch_size=size, **self._loader_options())
+        return DataLoader(self._val, batch_size=size, collate_fn=self._bound_objective().collate(0),
+                          **self._loader_options())
 
     def test_dataloader(self) -> DataLoader | list:
         """The held-out blocks again: a pretraining corpus has one held-out split (``ntng test``)."""
         return self.val_dataloader()
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Apply the objective on the host: training uses the current epoch, everything else epoch 0.
+        """Count a trained batch for the loader's checkpointed position; make streamed training blocks
+        into examples (every other batch was made in the loader).
 
-        Lightning calls this as training consumes a batch (after fetching ahead), so training
-        batches are counted here for the loader's checkpointed position.
+        Lightning calls this as training consumes a batch (after fetching ahead), which is why
+        the position is counted here and not in the loader.
         """
-        training = self.trainer is not None and self.trainer.training
-        if training and self._position is not None:
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        if self._position is not None:
             self._position.advance(self.trainer.current_epoch, self.trainer.num_training_batches)
-        epoch = self.trainer.current_epoch if training else 0
-        return self._bound_objective().apply(batch["input_ids"], batch["example_ids"], epoch)
+            return batch
+        return self._bound_objective().apply(batch["input_ids"], batch["example_ids"], self.trainer.current_epoch)
 
     # -- access by example id (batch-selection methods, irreducible losses) ------------------------
 

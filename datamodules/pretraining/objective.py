@@ -127,3 +127,29 @@ class PretrainingObjective(ABC):
         Returns:
             A flat dict of JSON-able values.
         """
+
+
+class TrainingCollate:
+    """Training batches made in the loader's workers, off the training process's critical path.
+
+    The samples carry the epoch the sampler drew them in (``PackedBlocks`` keyed by
+    ``(epoch, index)``), so a batch is exactly ``objective.apply(blocks, ids, epoch)``, whichever
+    worker makes it and however far ahead it fetches.
+
+    Args:
+        objective: The bound objective (picklable: it travels to the workers).
+        apply: False when a batch-selection method replaces every training batch's tensors with
+            its own rows (only the row count of Lightning's batch is used): the blocks are then
+            only stacked, and no objective work is wasted on rows that are never trained.
+    """
+
+    def __init__(self, objective: PretrainingObjective, apply: bool = True) -> None:
+        self.objective, self.apply = objective, apply
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        epoch = samples[0]["epoch"]
+        input_ids = torch.stack([sample["input_ids"] for sample in samples])
+        example_ids = torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
+        if not self.apply:
+            return {"input_ids": input_ids, "example_ids": example_ids}
+        return self.objective.apply(input_ids, example_ids, epoch)

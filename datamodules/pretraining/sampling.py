@@ -7,6 +7,11 @@ the batches training consumed (:class:`TrainingPosition`) and the loader checkpo
 Lightning saves a training loader's ``state_dict()`` in the fit loop's checkpoint state and calls
 ``load_state_dict()`` before the resumed run iterates it; iteration must then continue with the
 first batch the saved run had not trained.
+
+The sampler yields ``(epoch, index)`` pairs, so the epoch travels with the indices to the loader
+workers, which apply the objective (masking, span corruption) for that epoch off the training
+process (:class:`~datamodules.pretraining.objective.TrainingCollate`): a persistent worker that is
+already fetching the next epoch's batches masks them with the next epoch, never a stale one.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ class ResumableSampler(DistributedSampler):
     """Shuffled, tail-dropping ``DistributedSampler`` whose next pass can start part-way into an epoch.
 
     Being a ``DistributedSampler`` keeps Lightning from swapping in its own under DDP; Lightning
-    calls ``set_epoch`` before every epoch. ``len`` is always the full epoch.
+    calls ``set_epoch`` before every epoch. ``len`` is always the full epoch. Yields
+    ``(epoch, index)`` pairs (the dataset takes either form, see ``PackedBlocks``).
 
     Args:
         dataset: The training dataset (map-style).
@@ -71,10 +77,11 @@ class ResumableSampler(DistributedSampler):
         self.set_epoch(epoch)
         self._resume = (epoch, samples)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         resume, self._resume = self._resume, None
         skip = resume[1] if resume is not None and resume[0] == self.epoch else 0
-        return islice(super().__iter__(), skip, None)
+        epoch = self.epoch
+        return ((epoch, index) for index in islice(super().__iter__(), skip, None))
 
 
 class ResumableLoader(DataLoader):
