@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from app.modules.budgeted import BudgetedModule
@@ -26,8 +27,18 @@ class HuggingFaceExport(Callback):
 
     @staticmethod
     def run_directory(trainer: Trainer) -> Path:
-        """The directory that holds this run's logs, config and checkpoints."""
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        """The directory that holds this run's logs, config and checkpoints.
+
+        ``trainer.log_dir`` without its broadcast: that is a collective, so the writers that run on
+        rank 0 alone (this export, ``RunRecord``) hung every DDP run waiting for ranks that never
+        asked. Rank 0 gets its own directory, the one everything is written to; another rank's answer
+        may name another version directory and is only ever passed to calls rank 0 carries out.
+        """
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if logger is None:
+            return Path(trainer.default_root_dir)
+        directory = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+        return Path(directory or trainer.default_root_dir)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or not isinstance(pl_module, BudgetedModule):

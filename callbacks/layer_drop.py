@@ -142,6 +142,13 @@ class ProgressiveLayerDrop(Callback):
     """
 
     leaves_layers_without_gradient: ClassVar[bool] = True
+    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    unsupported_strategies: ClassVar[dict[str, str]] = {
+        "fsdp": "untested: it skips layers at random, while FSDP gathers and reduce-scatters each "
+                "wrapped layer in its forward and backward; which layers run changes every micro-batch or step",
+        "deepspeed": "ZeRO-3 cannot skip layers at random (its parameter prefetch follows the layer order; "
+                     "transformers runs every layer under it instead), stages 1-2 are untested",
+    }
 
     def __init__(
         self,

@@ -188,6 +188,13 @@ class RandomPathTraining(Callback):
     """
 
     leaves_layers_without_gradient: ClassVar[bool] = True
+    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    unsupported_strategies: ClassVar[dict[str, str]] = {
+        "fsdp": "untested: it trains a random path of layers, while FSDP gathers and reduce-scatters each "
+                "wrapped layer in its forward and backward; which layers run changes every step",
+        "deepspeed": "ZeRO-3 cannot skip layers at random (its parameter prefetch follows the layer order; "
+                     "transformers runs every layer under it instead), stages 1-2 are untested",
+    }
 
     def __init__(self, path_lengths: list[int] | None = None, stage_fractions: list[float] | None = None,
                  fixed_layers: list[int] | None = None, sampling: Sampling = "subset", resample: Resample = "step",

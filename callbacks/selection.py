@@ -22,7 +22,7 @@ the buffer and the method's state are saved with the callback, so a resumed run 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -138,6 +138,13 @@ class BatchSelection(Callback):
 
     # Per-row score -> the tag logging its mean over the rows selected in an update.
     SELECTED_MEANS = {"loss": "method/selected_loss"}
+    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    unsupported_strategies: ClassVar[dict[str, str]] = {
+        "fsdp": "it scores candidates by calling the module's forward directly, outside FSDP's wrapper, "
+                "where the parameters FSDP shards are not gathered",
+        "deepspeed": "untested: it scores candidates by calling the module's forward directly, outside the "
+                     "DeepSpeed engine, where ZeRO-3 does not gather the partitioned parameters",
+    }
 
     def __init__(self, charge_scoring: bool = True, seed: int | None = None) -> None:
         self.charge_scoring, self.seed = charge_scoring, seed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
@@ -160,6 +160,15 @@ class SophiaHessian(Callback):
         win_rate_range: the win rates Sophia's README aims for; outside them a warning says so.
         win_rate_window: updates whose mean win rate is compared with ``win_rate_range``.
     """
+
+    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    unsupported_strategies: ClassVar[dict[str, str]] = {
+        "fsdp": "its Hessian passes run the module directly, outside FSDP's wrapper (sharded parameters are "
+                "not gathered there), and it all-reduces whole .grad tensors itself",
+        "deepspeed": "its Hessian passes back-propagate outside the DeepSpeed engine and read .grad, which ZeRO "
+                     "stage 2/3 reduces into partitions, and DeepSpeed wraps the optimizer, so SophiaG's "
+                     "update_hessian and per-parameter state are not the ones the engine steps",
+    }
 
     def __init__(
         self,

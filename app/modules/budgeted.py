@@ -31,7 +31,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -61,6 +61,16 @@ class BudgetedModule(LightningModule):
 
     model: torch.nn.Module
     layers: LayerAdapter
+    # Strategy kind -> why it is refused (checked at setup by check_strategy_support; docs/strategies.md).
+    # DDP is tested for every method (tests/test_ddp_methods.py); FSDP and DeepSpeed are not.
+    unsupported_strategies: ClassVar[dict[str, str]] = {
+        "fsdp": "untested, and the HF export saves the model's own weights on rank 0 alone, which FSDP shards "
+                "(the layer adapter, layer copies and the clock's share of parameters with a gradient also "
+                "assume whole parameters)",
+        "deepspeed": "untested, and the clock prices each optimizer step from the parameters' .grad, which ZeRO "
+                     "stage 2/3 does not keep; ZeRO also hands the optimizer flat partitions, so the RMS-scaled "
+                     "optimizers (AdamWScale, RMSScaledLion, SophiaG rms_scaling) would scale by a partition's RMS",
+    }
 
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_schedule: LRSchedule | None = None,
                  decay_norm_weights: bool = False) -> None:
@@ -173,6 +183,7 @@ class BudgetedModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
+            check_strategy_support(self.trainer, self)
             check_unused_parameter_support(self.trainer)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -359,6 +370,52 @@ def check_unused_parameter_support(trainer: Any) -> None:
             f"{', '.join(methods)} leave some layers without gradients, which plain DDP rejects; "
             "set trainer.strategy=ddp_find_unused_parameters_true"
         )
+
+
+def strategy_kind(strategy: Any) -> str | None:
+    """``"deepspeed"``, ``"fsdp"`` (FSDP, and FSDP2 / tensor parallel: ``ModelParallelStrategy``), ``"ddp"``
+    (every ``DDPStrategy``: ddp, ddp_spawn, ddp_find_unused_parameters_true, ...) or None (one device).
+
+    By class name along the MRO: DeepSpeed's strategy is a DDPStrategy, and naming the classes needs
+    neither deepspeed installed nor a GPU.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if "DeepSpeedStrategy" in names:
+        return "deepspeed"
+    if names & {"FSDPStrategy", "ModelParallelStrategy"}:
+        return "fsdp"
+    return "ddp" if "DDPStrategy" in names else None
+
+
+def check_strategy_support(trainer: Any, module: Any = None) -> None:
+    """Fail at setup on a distributed strategy that the module or a method callback does not support.
+
+    Each declares ``unsupported_strategies``, a map from :func:`strategy_kind` to the reason; the table
+    of what is supported, and the tests that show it, is ``docs/strategies.md``. DDP is supported by
+    every method (``tests/test_ddp_methods.py``).
+
+    Args:
+        trainer: has ``strategy`` and ``callbacks``.
+        module: the LightningModule (default: ``trainer.lightning_module``).
+
+    Raises:
+        ConfigurationError: naming the strategy, every reason, and the strategy to use instead.
+    """
+    kind = strategy_kind(trainer.strategy)
+    if kind is None:
+        return
+    module = module if module is not None else getattr(trainer, "lightning_module", None)
+    reasons = [f"{type(owner).__name__}: {owner.unsupported_strategies[kind]}"
+               for owner in [module, *trainer.callbacks]
+               if kind in (getattr(owner, "unsupported_strategies", None) or {})]
+    if not reasons:
+        return
+    unused = any(getattr(c, "leaves_layers_without_gradient", False) for c in trainer.callbacks)
+    instead = "ddp_find_unused_parameters_true" if unused else "ddp"
+    raise ConfigurationError(
+        f"trainer.strategy {type(trainer.strategy).__name__} is not supported: {'; '.join(reasons)}; "
+        f"set trainer.strategy={instead} (tested for every method; docs/strategies.md)"
+    )
 
 
 def _updated_fraction(optimizer: torch.optim.Optimizer) -> float:
