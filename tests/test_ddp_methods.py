@@ -212,8 +212,8 @@ def disagreements(method: str, ranks: list[dict]) -> list[str]:
                             f"(clock: {record['clock']['optimizer_steps']}) in {updates} updates")
         if [s["update"] for s in record["steps"]] != list(range(updates)):
             problems.append(f"{method}: rank {rank} stepped at updates {[s['update'] for s in record['steps']]}")
-        # ``accumulate`` micro-batches per update, except that Lightning steps on an epoch's odd last one.
-        if not updates <= len(micro) <= updates * record["accumulate"] or len(micro) != len(first["micro"]):
+        # Exactly ``accumulate`` micro-batches per update: an epoch ends with whole updates.
+        if len(micro) != updates * record["accumulate"] or len(micro) != len(first["micro"]):
             problems.append(f"{method}: rank {rank} ran {len(micro)} micro-batches for {updates} updates")
         if not micro or not micro[-1]["should_stop"] or any(m["should_stop"] for m in micro[:-1]):
             problems.append(f"{method}: rank {rank} did not stop exactly at its last micro-batch")

@@ -50,6 +50,18 @@ def test_order_is_a_function_of_seed_and_epoch(tmp_path, monkeypatch):
     assert ready(tmp_path).train_dataloader().sampler.seed == 0
 
 
+def test_an_epoch_ends_with_whole_updates(tmp_path):
+    full = ready(tmp_path, shuffle_seed=0)
+    batches = len(full.train_dataloader())
+    accumulate = next(a for a in (3, 4, 5, 7) if batches % a)  # an epoch that does not divide into updates
+    dm = ready(tmp_path, shuffle_seed=0)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=accumulate)
+    loader = dm.train_dataloader()
+    assert len(loader) == batches // accumulate * accumulate
+    # The same order, cut where the last whole update ends (no update of fewer micro-batches).
+    assert epoch_ids(loader, 1) == epoch_ids(full.train_dataloader(), 1)[:len(loader)]
+
+
 def test_ranks_share_each_epoch_disjointly(tmp_path):
     shares = []
     for rank in (0, 1):

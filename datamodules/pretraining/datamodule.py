@@ -333,7 +333,7 @@ class PretrainingDataModule(LightningDataModule):
         return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training blocks, ``micro_batch_size`` per batch, incomplete last batch dropped.
+        """Shuffled training blocks, ``micro_batch_size`` per batch, each epoch cut to whole updates.
 
         Cached blocks come in a seeded per-epoch order (this rank's share under DDP) from a loader
         Lightning checkpoints and resumes mid-epoch. Streams shard themselves, are not shuffled and
@@ -346,7 +346,8 @@ class PretrainingDataModule(LightningDataModule):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         seed = h.shuffle_seed if h.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(self._train, seed, replicas, rank)
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        sampler = ResumableSampler(self._train, seed, replicas, rank, samples_per_update=h.micro_batch_size * accumulate)
         collate = TrainingCollate(self._bound_objective(), apply=not self.training_batches_replaced)
         loader = ResumableLoader(self._train, sampler=sampler, batch_size=h.micro_batch_size, drop_last=True,
                                  collate_fn=collate, **self._loader_options())

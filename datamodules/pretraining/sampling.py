@@ -59,10 +59,18 @@ class ResumableSampler(DistributedSampler):
         seed: Seed of the order.
         num_replicas: Number of ranks sharing the epoch.
         rank: This rank.
+        samples_per_update: Samples one update takes on this rank (micro-batch x accumulation): an
+            epoch ends with whole updates. Lightning would otherwise step on the epoch's last
+            micro-batch with a smaller batch, an update no callback deciding at accumulation
+            boundaries sees, and no planner prices.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                 samples_per_update: int = 1) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        # The parent takes the first total_size indices of the permutation, then this rank's share.
+        self.num_samples = self.num_samples // samples_per_update * samples_per_update
+        self.total_size = self.num_samples * num_replicas
         self._resume: tuple[int, int] | None = None
 
     def resume(self, epoch: int, samples: int) -> None:
