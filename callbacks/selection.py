@@ -16,7 +16,8 @@ refused under DDP). So Lightning's loop runs unchanged and only *what* a micro-b
 So every rank runs every micro-batch and every optimizer step, each update trains on exactly
 ``batch_size`` selected examples, and the clock sees every scoring pass and every trained micro-batch
 at the depth it ran. Lightning's own loader still runs, and its batches are only used for their row
-count: their reading and masking is wasted host work (not reference time). The candidate stream,
+count: the callback tells the data module so at setup (``training_batches_replaced``), and those
+batches are only stacked blocks, never masked. The candidate stream,
 the buffer and the method's state are saved with the callback, so a resumed run continues exactly.
 """
 
@@ -174,6 +175,7 @@ class BatchSelection(Callback):
             data, data.hparams.micro_batch_size, self.seed, trainer.global_rank, trainer.world_size
         )
         self._candidate_tokens = self.stream.batch_size * data.seq_len
+        data.training_batches_replaced = True  # set before Lightning asks for the training loader
         self._restore()
 
     # -- the swap ---------------------------------------------------------------------------------

@@ -214,6 +214,7 @@ def test_resumes_exactly(tmp_path, method):
     make = {"selective_backprop": lambda: SelectiveBackprop(seed=1),  # noqa: E731
             "rho_loss": lambda: RhoLoss(str(tmp_path / "il.npz"), seed=1)}[method]
     full, full_module, full_recorder = fit(tmp_path / "full", data, make(), steps=6)
+    assert data.training_batches_replaced  # so Lightning's own batches were never masked
     partial, _, partial_recorder = fit(tmp_path / "part", data, make(), steps=6, stop_after=3)
     checkpoint = tmp_path / "part.ckpt"
     partial.save_checkpoint(checkpoint)
