@@ -32,6 +32,7 @@ from callbacks.rho_loss import RhoLoss
 from callbacks.selective_backprop import SelectiveBackprop
 from datamodules.pretraining.datamodule import PretrainingDataModule
 from datamodules.pretraining.objective import TrainingCollate
+from timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,
@@ -39,25 +40,12 @@ CONFIG = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, 
 SECONDS: dict[str, float] = defaultdict(float)
 
 
-def timed(kind: str, function):
-    """``function`` with its wall time added to ``SECONDS[kind]``."""
-
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            SECONDS[kind] += time.perf_counter() - started
-
-    return wrapper
-
-
 class TimedModel(MaskedLanguageModel):
-    per_example_losses = timed("scoring forwards", MaskedLanguageModel.per_example_losses)
+    per_example_losses = timed(MaskedLanguageModel.per_example_losses, SECONDS, "scoring forwards")
 
 
 # Lightning's training batches are made by this collate (in the training process without workers).
-TrainingCollate.__call__ = timed("Lightning batch", TrainingCollate.__call__)
+TrainingCollate.__call__ = timed(TrainingCollate.__call__, SECONDS, "Lightning batch")
 
 
 class UpdateClock(Callback):
@@ -82,7 +70,7 @@ def run(data, selection, updates: int, directory: Path) -> dict[str, float]:
     torch.manual_seed(0)
     module = TimedModel(config=CONFIG, vocab_size=data.vocab_size, pad_token_id=data.pad_token_id, seq_len=data.seq_len)
     if selection is not None:
-        selection.on_train_batch_start = timed("selection hook", selection.on_train_batch_start)
+        selection.on_train_batch_start = timed(selection.on_train_batch_start, SECONDS, "selection hook")
     clock = UpdateClock()
     callbacks = ([selection] if selection else []) + [ReferenceTimeBudget(), clock]
     trainer = Trainer(default_root_dir=directory, logger=False, enable_progress_bar=False,
