@@ -52,8 +52,10 @@ def test_export_reloads_untied_in_plain_transformers_with_equal_logits_and_gener
     for loader in (T5ForConditionalGeneration, AutoModelForSeq2SeqLM):
         reloaded = loader.from_pretrained(tmp_path / "hf").eval()
         assert reloaded.lm_head.weight is not reloaded.shared.weight
-        with torch.no_grad():
-            assert torch.equal(reloaded(input_ids=batch["input_ids"], labels=batch["labels"]).logits, expected)
+        assert all(torch.equal(value, module.model.state_dict()[key]) for key, value in reloaded.state_dict().items())
+        with torch.no_grad():  # HF's unfused RMSNorm and GELU: the same function up to float rounding
+            torch.testing.assert_close(reloaded(input_ids=batch["input_ids"], labels=batch["labels"]).logits, expected,
+                                       rtol=1e-5, atol=1e-5)
     assert reloaded.config.dropout_rate == 0.1  # the fine-tuning dropout, not the pretraining 0
     generated = reloaded.generate(batch["input_ids"][:1], max_new_tokens=4, do_sample=False)
     assert generated.shape[0] == 1 and generated.shape[1] >= 2
@@ -121,3 +123,30 @@ def test_bad_shape_knobs_are_refused(shape, family, message):
 def test_shape_knobs_build_the_model():
     module = SpanCorruptionModel(config=TINY_T5, shape={"EL": 4, "DL": 2}, vocab_size=120, pad_token_id=0)
     assert (module.layers.num_layers("encoder"), module.layers.num_layers("decoder")) == (4, 2)
+
+
+def test_fused_kernels_compute_hf_t5s_function_and_leave_the_checkpoint_alone(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    from app.model.fused_t5 import FusedT5LayerNorm
+
+    config = {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
+    torch.manual_seed(0)
+    fused = SpanCorruptionModel(config=config, vocab_size=100, pad_token_id=0)
+    torch.manual_seed(0)
+    plain = SpanCorruptionModel(config=config, vocab_size=100, pad_token_id=0, fused_kernels=False)
+    assert any(isinstance(m, FusedT5LayerNorm) for m in fused.model.modules())
+    assert not any(isinstance(m, FusedT5LayerNorm) for m in plain.model.modules())
+    generator = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(2, 100, (4, 24), generator=generator),
+             "labels": torch.randint(2, 100, (4, 6), generator=generator)}
+    losses = [module.loss(batch) for module in (fused, plain)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for module, loss in zip((fused, plain), losses):
+        loss.backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The export is a stock HF checkpoint with the stock config.
+    fused.export_pretrained(tmp_path / "hf")
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert loaded.config.dense_act_fn == "gelu_new" and fused.model.state_dict().keys() == plain.model.state_dict().keys()
