@@ -1,8 +1,10 @@
 """T5 with fused kernels for the same math: one op per RMSNorm and per tanh-GELU instead of six to eight.
 
 HF's T5 computes its RMSNorm (``T5LayerNorm``) and v1.1's ``gelu_new`` in Python, one elementwise
-kernel per operation, forward and backward: on the tiny T5 shape ``aten::mul``/``pow``/``add``/
-``tanh`` took about 45 % of a CPU training step. ``torch.nn.functional.rms_norm`` and
+kernel per operation, forward and backward, each writing a new activation-sized tensor. On the
+t5-efficient-tiny shape (micro-batch 16 x 128, fp32, 2-core CPU) the fused versions take a
+forward+backward from 439.5 to 406.8 ms (8 %); more where memory bandwidth is scarcer than
+FLOPs. ``torch.nn.functional.rms_norm`` and
 ``gelu(approximate="tanh")`` compute the same functions in one fused kernel each; results differ
 from HF's only by float rounding. The swap changes the modules' classes and the activation
 attribute, never a parameter or the config: checkpoints and exports are exactly HF's, and
