@@ -14,7 +14,7 @@ from app.commands.plan import profile_settings
 from tests.conftest import REPO_ROOT, plan_hours, run_cli, tiny_fit_args
 
 RECIPES = sorted(
-    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"rst", "methods", "sweeps", "shapes"} & set(p.parts)
+    p for p in (REPO_ROOT / "configs").rglob("*.yaml") if not {"rst", "methods", "sweeps", "shapes", "gpu"} & set(p.parts)
 )
 OVERLAYS = sorted((REPO_ROOT / "configs" / "methods").glob("*.yaml"))
 T5_OVERLAYS = sorted([*(REPO_ROOT / "configs" / "t5" / "methods").glob("*.yaml"),
@@ -36,6 +36,14 @@ def test_every_recipe_parses(recipe, capsys):
 def test_every_t5_overlay_parses_on_the_tiny_t5_recipe(overlay, capsys):
     code, _, err = run_cli(["fit", "-c", "configs/t5/tiny.yaml", "-c", str(overlay), "--print_config"], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("recipe", ["configs/bert/tiny.yaml", "configs/t5/tiny.yaml", "configs/quickstart.yaml"])
+def test_the_gpu_overlay_parses_on_bert_and_t5(recipe, capsys):
+    code, out, err = run_cli(["fit", "-c", recipe, "-c", "configs/gpu/fast.yaml", "--print_config"], capsys)
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["model"]["init_args"]["compile_layers"] == "inductor" and resolved["trainer"]["precision"] == "bf16-mixed"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)

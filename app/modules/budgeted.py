@@ -58,6 +58,11 @@ class BudgetedModule(LightningModule):
         lr_schedule: learning-rate multiplier as a function of budget progress.
         decay_norm_weights: decay normalisation weights too (NTNG's bert-o3 as it ran; see
             ``app.model.param_groups``).
+        compile_layers: ``torch.compile`` backend (``"inductor"`` for speed on a GPU) applied to every
+            layer's ``forward`` at setup, or None to run eagerly. Layers, not the model: layer drop,
+            RaPTr and stacking change which layers run (a compiled model would recompile at every
+            new set), while one layer's graph stays the same; the residual-scaling hooks stay eager
+            around it, so a new scale is no new graph either.
     """
 
     model: torch.nn.Module
@@ -74,9 +79,10 @@ class BudgetedModule(LightningModule):
     }
 
     def __init__(self, optimizer: OptimizerCallable = torch.optim.AdamW, lr_schedule: LRSchedule | None = None,
-                 decay_norm_weights: bool = False) -> None:
+                 decay_norm_weights: bool = False, compile_layers: str | None = None) -> None:
         super().__init__()
-        self.decay_norm_weights = decay_norm_weights
+        self.decay_norm_weights, self.compile_layers = decay_norm_weights, compile_layers
+        self._layers_compiled = False
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or OneCycleTriangle()
         self.clock: ReferenceClock | None = None
@@ -186,6 +192,12 @@ class BudgetedModule(LightningModule):
         if stage == "fit":
             check_strategy_support(self.trainer, self)
             check_unused_parameter_support(self.trainer)
+        if self.compile_layers is not None and not self._layers_compiled:
+            # In setup, so each spawned DDP process compiles its own (compiled functions do not pickle).
+            for stack in self.layers.stack_names:
+                for layer in self.layers.layers(stack):
+                    layer.forward = torch.compile(layer.forward, backend=self.compile_layers)
+            self._layers_compiled = True
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":

@@ -47,6 +47,8 @@ class MaskedLanguageModel(BudgetedModule):
         lr_schedule: learning-rate multiplier as a function of budget progress.
         decay_norm_weights: decay normalisation weights too (NTNG's bert-o3 as it ran; the default
             excludes them, see ``app.model.param_groups``).
+        compile_layers: a ``torch.compile`` backend for every layer's forward (``"inductor"``), or
+            None to run eagerly (see ``BudgetedModule``).
     """
 
     def __init__(
@@ -63,8 +65,9 @@ class MaskedLanguageModel(BudgetedModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: LRSchedule | None = None,
         decay_norm_weights: bool = False,
+        compile_layers: str | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, decay_norm_weights)
+        super().__init__(optimizer, lr_schedule, decay_norm_weights, compile_layers)
         # Objects stay out of hparams: checkpoints load with weights_only=True (config.yaml has them).
         self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
         overrides = apply_shape(config or {}, shape, "encoder")

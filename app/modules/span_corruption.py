@@ -65,6 +65,8 @@ class SpanCorruptionModel(BudgetedModule):
         fused_kernels: compute the RMSNorms and tanh-GELUs with fused kernels (the same math up to
             float rounding, 8 % off a CPU step of t5-efficient-tiny; ``app.model.fused_t5``); false
             runs HF's modules as they are.
+        compile_layers: a ``torch.compile`` backend for every block's forward (``"inductor"``), or
+            None to run eagerly (see ``BudgetedModule``).
     """
 
     def __init__(
@@ -80,8 +82,9 @@ class SpanCorruptionModel(BudgetedModule):
         lr_schedule: LRSchedule | None = None,
         decay_norm_weights: bool = False,
         fused_kernels: bool = True,
+        compile_layers: str | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, decay_norm_weights)
+        super().__init__(optimizer, lr_schedule, decay_norm_weights, compile_layers)
         self.save_hyperparameters(ignore=["optimizer", "lr_schedule"])
         if checkpoint is not None:
             try:
