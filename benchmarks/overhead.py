@@ -9,13 +9,14 @@ Side by side in one run, on the quickstart recipe (4 layers, hidden 256, seq 128
   ``zero_grad``.
 
 Both are timed per update from one update's end to the next (ntng's time therefore includes the
-data loader, the masking and every hook), rounds alternate the two paths, the first two updates
-of each round warm up, and each path reports its median. Then each method overlay trains the same
+data loader, the masking and every hook), rounds alternate the two paths (each run in a fresh process, so
+no earlier fit's heap state is measured), the first two updates of each round warm up, and each
+path reports its median. Then each method overlay trains the same
 way, and its callbacks' per-update hooks are timed with the module's charged passes (the scoring
 forwards of batch selection, Sophia's Hessian pass) subtracted: that is the method's host work,
 which no RST profile prices. Goals: ntng / raw ≤ 1.02; each method's host work ≤ 2 % of its update.
 
-    python benchmarks/overhead.py [--steps 8] [--rounds 3] [--method-steps 6] [--methods layer_drop lion]
+    python benchmarks/overhead.py [--steps 8] [--rounds 6] [--method-steps 6] [--methods layer_drop lion]
 
 The last line is ``ratio: <ntng s/update / raw s/update>``.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -118,32 +120,49 @@ def il_file(workdir: Path) -> str:
     return str(path)
 
 
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a process forked from a server that only imported ntng: no fit before it
+    left its heap, caches or threads behind (a second fit in one process can run several % slower)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["app.recipe", "overhead"])
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def measure(path: str, workdir: str, steps: int, method: str | None = None, extra: tuple[str, ...] = ()):
+    """One side's seconds per update (and host work) in this process, as ``ntng fit`` on a CPU runs it."""
+    quiet()
+    keep_freed_host_memory()  # what every ntng fit on a CPU sets (app/host_memory.py); the raw loop gets it too
+    torch.manual_seed(0)
+    if path == "raw":
+        return raw_updates(Path(workdir), steps), 0.0
+    return ntng_updates(Path(workdir), steps, method, extra)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="updates per path per round (two warm up)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--method-steps", type=int, default=6, help="updates per method (two warm up)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
     quiet()
-    keep_freed_host_memory()  # what every ntng fit on a CPU sets (app/host_memory.py); the raw loop gets it too
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
+    with tempfile.TemporaryDirectory() as workdir:
         times: dict[str, list[float]] = {"raw": [], "ntng": []}
-        for _ in range(args.rounds):
-            times["raw"] += raw_updates(workdir, args.steps)[1:]
-            times["ntng"] += ntng_updates(workdir, args.steps)[0][1:]
+        for round_ in range(args.rounds):  # each side in its own process; the order alternates
+            for path in ("raw", "ntng") if round_ % 2 == 0 else ("ntng", "raw"):
+                times[path] += in_fresh_process(measure, path, workdir, args.steps)[0][1:]
         median = medians(times)
         print(f"\nquickstart model, {torch.get_num_threads()} threads, {args.rounds} rounds x "
-              f"{args.steps - 2} timed updates per path")
+              f"{args.steps - 2} timed updates per path, each in a fresh process")
         for name, seconds in median.items():
             print(f"  {name:<5} {seconds:.4f} s/update")
         if args.methods:
             print("\nmethod               s/update   host work/update   share")
-            extra = {"rho_loss": (f"--trainer.callbacks.irreducible_losses={il_file(workdir)}",)}
+            extra = {"rho_loss": (f"--trainer.callbacks.irreducible_losses={il_file(Path(workdir))}",)}
             for method in args.methods:
-                seconds, host = ntng_updates(workdir, args.method_steps, method, extra.get(method, ()))
+                seconds, host = in_fresh_process(measure, "ntng", workdir, args.method_steps, method,
+                                                 extra.get(method, ()))
                 step = statistics.median(seconds[1:])
                 note = "" if host else "  (no callback: an optimizer)"
                 print(f"  {method:<18} {step:8.4f}   {host * 1000:10.2f} ms      {host / step:6.2%}{note}")
