@@ -75,3 +75,24 @@ def test_attention_runs_on_sdpa(backbone):
                                  vocab_size=100, pad_token_id=0, seq_len=16)
     assert module.model.config._attn_implementation == "sdpa"
     assert tiny_t5().model.config._attn_implementation == "sdpa"
+
+
+def test_compiled_layers_grow_like_eager_ones_under_stacking(tmp_path):
+    from callbacks.stacking import LayerStacking
+    from tests.test_stacking import fit as stacking_fit
+    from tests.test_stacking import tiny_module
+
+    torch._dynamo.reset()
+    runs = {}
+    for backend in (None, "aot_eager"):
+        torch.manual_seed(0)
+        module = tiny_module()
+        module.compile_layers = backend  # as the constructor argument would set it
+        stacking = LayerStacking(initial_layers=1, growth_fractions=[0.25, 0.5])
+        _, module, recorder, _ = stacking_fit(tmp_path / str(backend), stacking, module=module)
+        runs[backend] = (recorder.depths, weights(module))
+        compiled = [hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in module.layers.layers()]
+        assert compiled == [backend is not None] * 4
+    assert runs[None][0] == runs["aot_eager"][0] == [1] * 6 + [2] * 3 + [4] * 3  # the same growth
+    for key, value in runs[None][1].items():
+        torch.testing.assert_close(runs["aot_eager"][1][key], value, rtol=1e-4, atol=1e-5, msg=key)
