@@ -60,6 +60,7 @@ def test_compiled_layers_train_like_eager_ones_with_one_graph_per_layer_under_la
     assert 0 < frames["ok"] <= 4 * 2, dict(frames)
 
 
+@pytest.mark.slow  # tracing T5's blocks: about 8 s
 def test_compiled_t5_blocks_match_eager_ones():
     torch._dynamo.reset()
     batch = t5_batch()
@@ -77,6 +78,7 @@ def test_attention_runs_on_sdpa(backbone):
     assert tiny_t5().model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow  # two budgeted fits, one compiled
 def test_compiled_layers_grow_like_eager_ones_under_stacking(tmp_path):
     from callbacks.stacking import LayerStacking
     from tests.test_stacking import fit as stacking_fit
