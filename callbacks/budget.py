@@ -161,10 +161,10 @@ class ReferenceTimeBudget(Callback):
         self._stop_if_diverged(trainer)
         spent = clock.spent()
         self._last_step_cost, self._spent_at_last_step = spent - self._spent_at_last_step, spent
-        pl_module.log("rst/seconds", clock.rst_seconds)
-        pl_module.log("rst/hours", clock.rst_seconds / 3600.0)
+        pl_module.log_update("rst/seconds", clock.rst_seconds)
+        pl_module.log_update("rst/hours", clock.rst_seconds / 3600.0)
         if self.budget is not None:
-            pl_module.log("rst/progress", clock.progress, prog_bar=True)
+            pl_module.log_update("rst/progress", clock.progress, prog_bar=True)
             # Nothing syncs should_stop across ranks; rank 0's identical clock decides for all.
             trainer.should_stop = trainer.should_stop or trainer.strategy.broadcast(self._should_stop(), src=0)
         if self._passed("validate"):

@@ -246,8 +246,8 @@ class RandomPathTraining(Callback):
                            batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # logged once per optimizer step
-        pl_module.log("method/stage", float(self._stage))
-        pl_module.log("method/active_layers", sum(self._depths) / len(self._depths))
+        pl_module.log_update("method/stage", float(self._stage))
+        pl_module.log_update("method/active_layers", sum(self._depths) / len(self._depths))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.layers.set_active_layers(None)

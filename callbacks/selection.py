@@ -247,12 +247,12 @@ class BatchSelection(Callback):
             return
         update, self._update = self._update, self._new_update()
         if update["scored"]:
-            pl_module.log("method/selection_rate", update["selected"] / update["scored"])
-            pl_module.log("method/scored_loss", float(update["scored_loss"]) / update["scored"])
+            pl_module.log_update("method/selection_rate", update["selected"] / update["scored"])
+            pl_module.log_update("method/scored_loss", float(update["scored_loss"]) / update["scored"])
         if update["selected"]:
             for key, tag in self.SELECTED_MEANS.items():
-                pl_module.log(tag, float(update["selected_sums"][key]) / update["selected"])
-        pl_module.log("method/candidate_epoch", float(self.stream.epoch))
+                pl_module.log_update(tag, float(update["selected_sums"][key]) / update["selected"])
+        pl_module.log_update("method/candidate_epoch", float(self.stream.epoch))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.stream is not None:

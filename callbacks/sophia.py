@@ -227,7 +227,7 @@ class SophiaHessian(Callback):
         )
         if tokens:
             self.hessian_updates += 1
-        pl_module.log("method/hessian_updates", float(self.hessian_updates))
+        pl_module.log_update("method/hessian_updates", float(self.hessian_updates))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -238,7 +238,7 @@ class SophiaHessian(Callback):
         if callable(win_rate):
             win_rate = win_rate()
         if win_rate is not None and win_rate == win_rate:  # not NaN (no step yet)
-            pl_module.log("optimizer/win_rate", float(win_rate))
+            pl_module.log_update("optimizer/win_rate", float(win_rate))
             self._check_win_rate(float(win_rate))
 
     def _check_win_rate(self, win_rate: float) -> None:

@@ -264,10 +264,10 @@ class LayerStacking(Callback):
                 f"ntng: LayerStacking grew {before} -> {self.depth} layers at budget progress {progress:.4f} "
                 f"(step {trainer.global_step}, event {due} of {len(self.schedule.growth_fractions)})"
             )
-        pl_module.log("method/depth", float(self.depth))
+        pl_module.log_update("method/depth", float(self.depth))
         # Logged every update: Lightning re-emits a step metric until the epoch ends, so a value logged
         # only at growth would repeat on the following updates.
-        pl_module.log("method/growth_event", event)
+        pl_module.log_update("method/growth_event", event)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # model_depth stays at the grown depth: an unfinished schedule exports the trained prefix.

@@ -145,7 +145,7 @@ def fit(tmp_path, data, selection, steps=4, accumulate=2, ckpt_path=None, profil
     trainer = Trainer(
         default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, max_steps=stop_after, accumulate_grad_batches=accumulate,
-        callbacks=[selection, budget, recorder],
+        callbacks=[selection, budget, recorder], log_every_n_steps=1,  # the recorder reads every update's values
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, module, recorder

@@ -163,8 +163,23 @@ class BudgetedModule(LightningModule):
         # Charged before the pass runs, as NTNG does, so progress includes this micro-batch.
         self.charge("forward_backward", batch["input_ids"].numel())
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_update("train/loss", loss, prog_bar=True)
         return loss
+
+    def log_update(self, name: str, value: Any, prog_bar: bool = False) -> None:
+        """``self.log`` for a value of this update, called only when Lightning will use it: on the
+        updates it writes to the loggers (every ``trainer.log_every_n_steps``, and the last) or, for
+        ``prog_bar`` values, when a progress bar shows them.
+
+        Each ``self.log`` call costs about 0.9 ms of Lightning bookkeeping (it re-walks the metric's
+        state to move it to the value's device). At five values an update, that was a fifth of a T5-tiny
+        CPU step, and work no profile prices. ``trainer.callback_metrics`` therefore holds these values
+        on the logged updates; set ``trainer.log_every_n_steps=1`` to read them after every update.
+        """
+        trainer = self._trainer
+        shown = prog_bar and trainer is not None and trainer.progress_bar_callback is not None
+        if trainer is None or shown or trainer._logger_connector.should_update_logs:
+            self.log(name, value, prog_bar=prog_bar)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Evaluation measures the whole model (for stacking: as grown so far), whatever a method has
@@ -224,7 +239,7 @@ class BudgetedModule(LightningModule):
             multiplier *= adjustment(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log_update("train/lr", optimizer.param_groups[0]["lr"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.clock is not None:
