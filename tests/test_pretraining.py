@@ -145,3 +145,16 @@ def test_updated_fraction_counts_parameters_with_gradients():
     layer = sum(p.numel() for p in model.layers.layers()[1].parameters())
     total = sum(p.numel() for p in model.model.parameters())
     assert _updated_fraction(optimizer) == pytest.approx(1 - layer / total)
+
+
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_per_update_values_are_logged_only_on_the_updates_lightning_writes(tmp_path, progress_bar):
+    from tests.conftest import fit_tiny, tiny_masked_lm
+
+    module, logged = tiny_masked_lm(), []
+    log = module.log
+    module.log = lambda name, value, **kwargs: (logged.append((module.trainer.global_step, name)), log(name, value, **kwargs))
+    fit_tiny(module, [], tmp_path, max_steps=6, log_every_n_steps=3, enable_progress_bar=progress_bar)
+    assert [step for step, name in logged if name == "train/lr"] == [2, 5]  # the 3rd and 6th updates
+    loss_steps = [step for step, name in logged if name == "train/loss"]
+    assert loss_steps == (list(range(6)) if progress_bar else [2, 5])  # a progress bar shows it every update
