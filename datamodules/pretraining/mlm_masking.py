@@ -22,7 +22,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
-from datamodules.pretraining.objective import BlockLayout, PretrainingObjective
+from datamodules.pretraining.objective import BlockLayout, PretrainingObjective, stack_blocks
 from datamodules.pretraining.tokenizer import MLM_ROLES
 
 
@@ -89,8 +89,7 @@ class MaskingCollate:
         self.collator, self.seed, self.epoch = collator, seed, epoch
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = torch.stack([sample["input_ids"] for sample in samples])
-        example_ids = torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
+        input_ids, example_ids = stack_blocks(samples)
         masked, labels = mask_tokens(input_ids, example_ids, self.collator, seed=self.seed, epoch=self.epoch)
         return {"input_ids": masked, "labels": labels, "example_ids": example_ids}
 

@@ -129,6 +129,12 @@ class PretrainingObjective(ABC):
         """
 
 
+def stack_blocks(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, L], example_ids [B])`` of a list of ``PackedBlocks`` samples (what every collate stacks)."""
+    input_ids = torch.stack([sample["input_ids"] for sample in samples])
+    return input_ids, torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
+
+
 class TrainingCollate:
     """Training batches made in the loader's workers, off the training process's critical path.
 
@@ -147,9 +153,7 @@ class TrainingCollate:
         self.objective, self.apply = objective, apply
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        epoch = samples[0]["epoch"]
-        input_ids = torch.stack([sample["input_ids"] for sample in samples])
-        example_ids = torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
+        input_ids, example_ids = stack_blocks(samples)
         if not self.apply:
             return {"input_ids": input_ids, "example_ids": example_ids}
-        return self.objective.apply(input_ids, example_ids, epoch)
+        return self.objective.apply(input_ids, example_ids, samples[0]["epoch"])

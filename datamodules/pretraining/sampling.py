@@ -51,7 +51,8 @@ class ResumableSampler(DistributedSampler):
     """Shuffled, tail-dropping ``DistributedSampler`` whose next pass can start part-way into an epoch.
 
     Being a ``DistributedSampler`` keeps Lightning from swapping in its own under DDP; Lightning
-    calls ``set_epoch`` before every epoch. ``len`` is always the full epoch. Yields
+    calls ``set_epoch`` before every epoch. ``len`` is always the whole epoch (cut to whole
+    updates), also when resuming part-way into one. Yields
     ``(epoch, index)`` pairs (the dataset takes either form, see ``PackedBlocks``).
 
     Args:

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from app.errors import ConfigurationError
 from datamodules.pretraining.mlm_masking import example_seed
-from datamodules.pretraining.objective import BlockLayout, PretrainingObjective
+from datamodules.pretraining.objective import BlockLayout, PretrainingObjective, stack_blocks
 
 # Bump when the corruption rule or its random draws change: files keyed by example id record it.
 SPAN_CORRUPTION_VERSION = 1
@@ -215,9 +215,7 @@ class CorruptionCollate:
         self.objective, self.epoch = objective, epoch
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids = torch.stack([sample["input_ids"] for sample in samples])
-        example_ids = torch.tensor([sample["example_ids"] for sample in samples], dtype=torch.int64)
-        return self.objective.apply(input_ids, example_ids, self.epoch)
+        return self.objective.apply(*stack_blocks(samples), self.epoch)
 
 
 class SpanCorruption(PretrainingObjective):
