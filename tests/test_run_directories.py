@@ -28,17 +28,6 @@ class PoisonAt(Callback):
                 next(pl_module.parameters()).fill_(float("nan"))
 
 
-class StopAt(Callback):
-    """Raise after update ``step``: a run that died with its cadence checkpoints on disk."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            raise RuntimeError(f"stopped after update {self.step}")
-
-
 def fit_args(sample_corpus: Path, root: Path, *extra: str) -> list[str]:
     return tiny_fit_args(sample_corpus, BUDGET) + [
         f"--trainer.logger.init_args.save_dir={root}", "--budget.checkpoint_every_fraction=0.25",
@@ -59,8 +48,8 @@ def test_resume_continues_the_newest_version_with_a_checkpoint(sample_corpus, tm
     assert code == 0, err
     finished = updates(runs / "version_0")
     # version_1 dies after update 5 (its cadence checkpoints kept); version_2 has no checkpoint (killed at setup).
-    with pytest.raises(RuntimeError, match="stopped after update 5"):
-        run_cli(fit_args(sample_corpus, tmp_path / "runs", "--trainer.callbacks+=tests.test_run_directories.StopAt",
+    with pytest.raises(RuntimeError, match="simulated crash after update 5"):
+        run_cli(fit_args(sample_corpus, tmp_path / "runs", "--trainer.callbacks+=tests.conftest.CrashAfter",
                          "--trainer.callbacks.step=5"), capsys)
     assert not (runs / "version_1" / "summary.json").exists()
     assert (runs / "version_1" / "checkpoints" / "last.ckpt").is_file()
