@@ -7,8 +7,10 @@ import time
 import torch
 
 from app.accounting.cost_models import RSTProfile
-from app.commands.calibrate import median_seconds
-from tests.conftest import REPO_ROOT, run_cli
+import contextlib
+
+from app.commands.calibrate import calibrate_module, median_seconds
+from tests.conftest import REPO_ROOT, mlm_batch, run_cli, tiny_masked_lm
 
 
 def test_between_runs_untimed_after_every_timed_run():
@@ -16,6 +18,23 @@ def test_between_runs_untimed_after_every_timed_run():
     seconds = median_seconds(lambda: time.sleep(0.002), warmup=1, repeats=3, device=torch.device("cpu"),
                              between=lambda: (calls.append(1), time.sleep(0.02)))
     assert len(calls) == 4 and seconds < 0.015  # the 20 ms between runs is not in the timing
+
+
+def test_every_timed_optimizer_step_follows_a_fresh_backward():
+    # Back to back on the same gradients the step runs cache-warm: 35 % faster than in training.
+    stale = []  # per step: did any gradient already reach an earlier step?
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            stale.append(not grads or any(hasattr(g, "stepped") for g in grads))
+            for g in grads:
+                g.stepped = True
+            return super().step(closure)
+
+    module = tiny_masked_lm(optimizer=lambda params: RecordingAdamW(params, lr=1e-3))
+    calibrate_module(module, mlm_batch(), contextlib.nullcontext, warmup=1, repeats=3, gradient_clip_val=1.0)
+    assert len(stale) >= 4 and not any(stale[-4:])  # the step timing: one warm-up and three timed steps
 
 
 def test_calibrate_writes_a_profile_of_every_depth_for_the_recipe(sample_corpus, tmp_path, capsys):

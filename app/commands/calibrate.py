@@ -108,11 +108,13 @@ def calibrate_module(module, batch: dict, forward_context, warmup: int = 3, repe
         if gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    with forward_context():
-        loss = module.loss(batch)
-    loss.backward()
-    optimizer_seconds = median_seconds(step, warmup, repeats, device)
+    # Each step right after a fresh full-depth backward, as in training. Timed back to back on the
+    # same gradients, the step found parameters, gradients and moments still in cache and ran 35 %
+    # faster (10 against 15.7 ms on the quickstart model on a CPU with a 480 MiB L3).
+    forward_backward()
+    optimizer_seconds = median_seconds(step, warmup, repeats, device, between=forward_backward)
     optimizer.zero_grad(set_to_none=True)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     share = {stack: sum(p.numel() for p in layers.layers(stack)[-1].parameters()) / trainable
