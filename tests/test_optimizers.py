@@ -9,6 +9,7 @@ import pytest
 import torch
 from pytorch_optimizer import Lion
 
+from app.model import optimizers
 from app.model.optimizers import AdamWScale, RMSScaledLion, SophiaG
 
 
@@ -121,6 +122,45 @@ def test_adamwscale_step_matches_hand_computation(correct_bias):
         updated = p - alpha * rms * m / (math.sqrt(v) + eps)
         expected.append(updated * (1 - lr * wd))  # decay after the Adam step
     assert param.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def _adamwscale_reference_step(param, state, lr, betas, eps, weight_decay):
+    """nanoT5's per-parameter AdamWScale update, written out (the docstring's formulas)."""
+    state["step"] = state.get("step", 0) + 1
+    m = state.setdefault("exp_avg", torch.zeros_like(param))
+    v = state.setdefault("exp_avg_sq", torch.zeros_like(param))
+    m.mul_(betas[0]).add_(param.grad, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(param.grad, param.grad, value=1 - betas[1])
+    alpha = lr * (1 - betas[1] ** state["step"]) ** 0.5 / (1 - betas[0] ** state["step"])
+    rms = (param.norm(2) / param.numel() ** 0.5).clamp(min=1e-3)
+    param.sub_(alpha * rms * m / (v.sqrt() + eps))
+    param.mul_(1 - lr * weight_decay)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 16, 8])  # one run of tensors; runs cut as on a CPU cache
+def test_adamwscale_foreach_step_matches_the_per_parameter_update_when_parameters_skip_steps(
+        chunk_elements, monkeypatch):
+    monkeypatch.setattr(optimizers, "_CPU_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    shapes = [(8, 4), (4,), (3, 5, 2), (1,)]
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    ours[3].data.zero_()  # the RMS floor
+    reference = [p.detach().clone() for p in ours]
+    states = [{} for _ in ours]
+    groups = [{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}]
+    opt = AdamWScale(groups, lr=0.02, betas=(0.9, 0.99), eps=1e-6)
+    for step in range(6):
+        for i, (a, b) in enumerate(zip(ours, reference)):
+            skipped = i == 1 and step % 2 == 0  # a dropped layer's parameter: no gradient, no step
+            a.grad = None if skipped else torch.randn_like(a)
+            b.grad = None if skipped else a.grad.clone()
+        opt.step()
+        for i, b in enumerate(reference):
+            if b.grad is not None:
+                _adamwscale_reference_step(b, states[i], 0.02, (0.9, 0.99), 1e-6, 0.1 if i < 2 else 0.0)
+        for a, b in zip(ours, reference):
+            torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-7)
+    assert [opt.state[p]["step"] for p in ours] == [6, 3, 6, 6]
 
 
 def test_rms_scaled_lion_matches_hand_computation():

@@ -89,6 +89,18 @@ def test_per_example_losses_average_to_the_batch_loss_and_the_hessian_pass_count
     assert module.model.lm_head.weight.grad is not None
 
 
+def test_training_builds_no_key_value_cache(monkeypatch):
+    import transformers.models.t5.modeling_t5 as modeling_t5
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a key/value cache was built for a training pass")
+
+    module = tiny_t5()
+    monkeypatch.setattr(modeling_t5, "DynamicCache", refuse)
+    module.loss(t5_batch()).backward()
+    module.per_example_losses(t5_batch(), charge=False)
+
+
 def test_block_zero_is_always_active_for_t5():
     module = tiny_t5()
     assert module.layers.traits.always_active == (0,)

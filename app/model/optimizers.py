@@ -189,7 +189,30 @@ class SophiaG(_PerParameterOptimizer):
         self._total += param.numel()
 
 
-class AdamWScale(_PerParameterOptimizer):
+_CPU_CHUNK_ELEMENTS = 1 << 16  # p, grad, m, v and a temporary of this many fp32 values fit a core's L2
+
+
+def _chunks(params: list[torch.Tensor], max_elements: int | None) -> list[list[torch.Tensor]]:
+    """``params`` in runs of at most ``max_elements`` values (a larger tensor alone); one run if None.
+
+    A GPU wants one ``_foreach`` call per operation over every tensor (launches are the cost). A CPU
+    runs ``_foreach`` as a loop of per-tensor kernels, each sweeping its tensors through memory: six
+    sweeps over all of T5-efficient-tiny's 97 tensors were 35 % slower than eight per-tensor ops whose
+    operands stay in cache, so there the runs are cut to what a core's cache holds.
+    """
+    if max_elements is None:
+        return [params]
+    chunks, current, size = [], [], 0
+    for param in params:
+        if current and size + param.numel() > max_elements:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(param)
+        size += param.numel()
+    return chunks + [current] if current else chunks
+
+
+class AdamWScale(Optimizer):
     """nanoT5's AdamW with an Adafactor-style relative step.
 
     Per step, for every parameter with a gradient ``g`` (``t`` counts its steps)::
@@ -225,24 +248,58 @@ class AdamWScale(_PerParameterOptimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, {**defaults, "correct_bias": correct_bias})
 
-    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param)
-            state["exp_avg_sq"] = torch.zeros_like(param)
-        state["step"] += 1
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient, in ``torch._foreach_*`` calls.
+
+        Parameters that share a group, a step count, a device and a dtype update together: one
+        call per operation for the lot instead of eight per parameter (a T5-base step has 280
+        parameters; the per-parameter loop cost about 3 ms of Python per step on T5 tiny).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            buckets: dict[tuple, list[torch.Tensor]] = {}
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1  # per parameter: a dropped layer's parameters skip steps
+                buckets.setdefault((state["step"], param.device, param.dtype), []).append(param)
+            for (step, device, _), params in buckets.items():
+                for chunk in _chunks(params, None if device.type == "cuda" else _CPU_CHUNK_ELEMENTS):
+                    self._update_bucket(chunk, step, group)
+        return loss
+
+    def _update_bucket(self, params: list[torch.Tensor], step: int, group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         lr = group["lr"]
         if group["correct_bias"]:
-            step = state["step"]
             lr = lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
-        step_size = _step_size(lr, param, rms_scaling=True)
-        update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-        param.sub_(update.mul_(step_size))
-        param.mul_(1.0 - group["lr"] * group["weight_decay"])
+        # lr * max(1e-3, RMS(p)) per parameter, as 0-dim tensors: no device-to-host sync.
+        norms = torch.stack(torch._foreach_norm(params))
+        root_sizes = torch.tensor([p.numel() ** 0.5 for p in params], dtype=norms.dtype, device=norms.device)
+        negative_steps = (norms / root_sizes).clamp_(min=_MIN_RMS).mul_(-lr).unbind()
+        # p += m / ((sqrt(v) + eps) / -step): one temporary list, as torch.optim.AdamW's foreach path.
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_div_(denominators, negative_steps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
 
 
 class RMSScaledLion(_PerParameterOptimizer):

@@ -61,7 +61,7 @@ class TextToTextFineTuner(TaskModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher-forced token cross-entropy of ``batch["labels"]``."""
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+                          labels=batch["labels"], use_cache=False).loss  # a key/value cache serves generation only
 
     def generate(self, batch: dict[str, torch.Tensor]) -> list[Any]:
         """Greedy generations for ``batch``, mapped to predictions (``parse_prediction``)."""
