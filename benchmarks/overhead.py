@@ -17,6 +17,7 @@ forwards of batch selection, Sophia's Hessian pass) subtracted: that is the meth
 which no RST profile prices. Goals: ntng / raw ≤ 1.02; each method's host work ≤ 2 % of its update.
 
     python benchmarks/overhead.py [--steps 8] [--rounds 6] [--method-steps 6] [--methods layer_drop lion]
+    python benchmarks/overhead.py --recipe t5-tiny --steps 40   # T5 tiny (20 ms steps), no methods
 
 The last line is ``ratio: <ntng s/update / raw s/update>``.
 """
@@ -55,15 +56,20 @@ PER_UPDATE_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_bac
 CHARGED_PASSES = ("per_example_losses", "hessian_pass")
 
 
-def recipe(workdir: Path, steps: int, method: str | None = None, extra: tuple[str, ...] = ()):
-    """The configured ``ntng fit`` objects for ``steps`` updates of the quickstart (plus a method overlay)."""
-    configs = ["configs/quickstart.yaml"] + ([f"configs/methods/{method}.yaml"] if method else [])
+RECIPES = {"quickstart": "configs/quickstart.yaml", "t5-tiny": "configs/t5/tiny.yaml"}
+
+
+def recipe(workdir: Path, steps: int, method: str | None = None, extra: tuple[str, ...] = (),
+           name: str = "quickstart"):
+    """The configured ``ntng fit`` objects for ``steps`` updates of a recipe (plus a method overlay)."""
+    configs = [RECIPES[name]] + ([f"configs/methods/{method}.yaml"] if method else [])
     return fit_objects(configs, workdir, steps, *(METHODS.get(method, []) if method else []), *extra)
 
 
-def ntng_updates(workdir: Path, steps: int, method: str | None = None, extra: tuple[str, ...] = ()):
+def ntng_updates(workdir: Path, steps: int, method: str | None = None, extra: tuple[str, ...] = (),
+                 name: str = "quickstart"):
     """Seconds per update of a real ``ntng fit`` (and, for a method, the seconds of its host work)."""
-    cli = recipe(workdir, steps, method, extra)
+    cli = recipe(workdir, steps, method, extra, name)
     timer, host = UpdateTimer(), defaultdict(float)
     trainer = cli.trainer
     forced = ("callbacks.budget", "callbacks.export", "callbacks.monitoring")  # on in every run
@@ -83,9 +89,10 @@ def ntng_updates(workdir: Path, steps: int, method: str | None = None, extra: tu
     return timer.seconds, host_seconds
 
 
-def raw_updates(workdir: Path, steps: int) -> list[float]:
-    """Seconds per update of the same module and masked batches in a minimal loop."""
-    cli = recipe(workdir, steps)
+def raw_updates(workdir: Path, steps: int, name: str = "quickstart") -> list[float]:
+    """Seconds per update of the same module and batches (objective applied) in a minimal loop."""
+    cli = recipe(workdir, steps, name=name)
+    clip = cli.trainer.gradient_clip_val
     data, module = cli.datamodule, cli.model
     data.prepare_data()
     data.setup("fit")
@@ -99,7 +106,8 @@ def raw_updates(workdir: Path, steps: int) -> list[float]:
     for batch in batches:
         loss = module.loss(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 0.5)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         now = time.perf_counter()
@@ -129,14 +137,15 @@ def in_fresh_process(function, *args):
         return pool.apply(function, args)
 
 
-def measure(path: str, workdir: str, steps: int, method: str | None = None, extra: tuple[str, ...] = ()):
+def measure(path: str, workdir: str, steps: int, method: str | None = None, extra: tuple[str, ...] = (),
+            name: str = "quickstart"):
     """One side's seconds per update (and host work) in this process, as ``ntng fit`` on a CPU runs it."""
     quiet()
     keep_freed_host_memory()  # what every ntng fit on a CPU sets (app/host_memory.py); the raw loop gets it too
     torch.manual_seed(0)
     if path == "raw":
-        return raw_updates(Path(workdir), steps), 0.0
-    return ntng_updates(Path(workdir), steps, method, extra)
+        return raw_updates(Path(workdir), steps, name), 0.0
+    return ntng_updates(Path(workdir), steps, method, extra, name)
 
 
 def main() -> None:
@@ -144,16 +153,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="updates per path per round (two warm up)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--method-steps", type=int, default=6, help="updates per method (two warm up)")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(METHODS),
+                        help="method overlays to time (default: all on the quickstart, none on t5-tiny)")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="quickstart",
+                        help="t5-tiny: 20 ms steps, where a fixed per-update cost shows most")
     args = parser.parse_args()
+    if args.methods is None:
+        args.methods = list(METHODS) if args.recipe == "quickstart" else []
+    elif args.methods and args.recipe != "quickstart":
+        parser.error("--methods: the overlays' settings fit the quickstart's 4 layers; use --recipe quickstart")
     quiet()
     with tempfile.TemporaryDirectory() as workdir:
         times: dict[str, list[float]] = {"raw": [], "ntng": []}
         for round_ in range(args.rounds):  # each side in its own process; the order alternates
             for path in ("raw", "ntng") if round_ % 2 == 0 else ("ntng", "raw"):
-                times[path] += in_fresh_process(measure, path, workdir, args.steps)[0][1:]
+                times[path] += in_fresh_process(measure, path, workdir, args.steps, None, (), args.recipe)[0][1:]
         median = medians(times)
-        print(f"\nquickstart model, {torch.get_num_threads()} threads, {args.rounds} rounds x "
+        print(f"\n{args.recipe} model, {torch.get_num_threads()} threads, {args.rounds} rounds x "
               f"{args.steps - 2} timed updates per path, each in a fresh process")
         for name, seconds in median.items():
             print(f"  {name:<5} {seconds:.4f} s/update")

@@ -1,14 +1,15 @@
-"""T5 with fused kernels for the same math: one op per RMSNorm and per tanh-GELU instead of six to eight.
+"""T5 with fused ops for the same math: one op per RMSNorm and per tanh-GELU instead of six to eight.
 
 HF's T5 computes its RMSNorm (``T5LayerNorm``) and v1.1's ``gelu_new`` in Python, one elementwise
 kernel per operation, forward and backward, each writing a new activation-sized tensor. On the
 t5-efficient-tiny shape (micro-batch 16 x 128, fp32, 2-core CPU) the fused versions take a
 forward+backward from 439.5 to 406.8 ms (8 %); more where memory bandwidth is scarcer than
-FLOPs. ``torch.nn.functional.rms_norm`` and
-``gelu(approximate="tanh")`` compute the same functions in one fused kernel each; results differ
-from HF's only by float rounding. The swap changes the modules' classes and the activation
-attribute, never a parameter or the config: checkpoints and exports are exactly HF's, and
-``T5ForConditionalGeneration.from_pretrained`` loads them as always.
+FLOPs. ``gelu(approximate="tanh")`` is one kernel. ``torch.nn.functional.rms_norm`` is one op to
+Python and autograd; on a CPU, PyTorch 2.13 runs it as a composite (pow, mean, rsqrt, multiply) that
+still skips HF's dtype round trips. Results differ from HF's only by float rounding. The swap
+changes the modules' classes and the activation attribute, never a parameter or the config:
+checkpoints and exports are exactly HF's, and ``T5ForConditionalGeneration.from_pretrained`` loads
+them as always.
 """
 
 from __future__ import annotations
