@@ -2,7 +2,8 @@
 
 Calibrates an RST profile for an 8-layer version of the quickstart model on this machine, then
 times real training steps (forward, backward, optimizer step) under the active sets each
-depth-changing method produces, and prints measured / predicted per scenario, side by side in one
+depth-changing method produces (on a GPU when there is one, under bf16 autocast), and prints
+measured / predicted per scenario, side by side in one
 run: full depth, progressive layer dropping at its steady state, every RaPTr stage and every
 stacking stage. Scenarios are interleaved step by step and each reports the median of its
 per-step ratios. Goal: every ratio within 5 % of 1.
@@ -66,16 +67,28 @@ def main() -> None:
                 "intermediate_size": 1024, "max_position_embeddings": 130},
         vocab_size=data.vocab_size, pad_token_id=data.pad_token_id, seq_len=128,
     )
-    profile = calibrate_module(module, batch, contextlib.nullcontext, warmup=2, repeats=args.repeats)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module.to(device)
+    batch = {key: value.to(device) for key, value in batch.items()}
+
+    def forward_context():  # what a bf16-mixed fit runs its forward in on a GPU
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    profile = calibrate_module(module, batch, forward_context, warmup=2, repeats=args.repeats)
     optimizer = module.configure_optimizers()
     tokens = batch["input_ids"].numel()
 
     def train_step(active: list[int]) -> float:
         start = time.perf_counter()
-        with module.layers.active(active):
-            module.loss(batch).backward()
+        with module.layers.active(active), forward_context():
+            loss = module.loss(batch)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for _ in range(2):  # warm up the allocator and the optimizer state
@@ -96,8 +109,9 @@ def main() -> None:
             if position < len(active_sets):
                 active = active_sets[position]
                 step_ratios[name].append(train_step(active) / predicted(active))
-    print(f"\n{args.layers}-layer model, hidden 256, micro-batch {args.micro_batch_size} x 128, "
-          f"profile calibrated in this run\n")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.layers}-layer model, hidden 256, micro-batch {args.micro_batch_size} x 128, {where}"
+          f"{', bf16 autocast' if device.type == 'cuda' else ', fp32'}, profile calibrated in this run\n")
     print(f"{'scenario':<34}{'mean depth':>11}{'predicted s/step':>18}{'median ratio':>14}")
     ratios = []
     for name, active_sets in plans.items():

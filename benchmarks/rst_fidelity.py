@@ -18,7 +18,8 @@ moment, and their ratio isolates what the profile's method gets wrong:
   side — the bias alone;
 * ``predicted / twin``: how far the machine drifted since the calibration.
 
-    python benchmarks/rst_fidelity.py [--recipe configs/quickstart.yaml] [--budget-hours 0.01]
+    python benchmarks/rst_fidelity.py [--recipe configs/quickstart.yaml] [--budget-hours 0.01] [--no-twin]
+    python benchmarks/rst_fidelity.py --trainer.precision=bf16-mixed   # recipe overrides: calibration and fit
 
 The last line is ``ratio: <twin seconds / measured seconds>`` (``predicted / measured`` with ``--no-twin``).
 """
@@ -46,11 +47,18 @@ class StepTimer(Callback):
         self.seconds, self.steps, self._start = 0.0, 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _synchronize(pl_module.device)
         self.seconds += time.perf_counter() - self._start
         self.steps += 1
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class CalibrationTwin(Callback):
@@ -68,6 +76,7 @@ class CalibrationTwin(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.batch is None:
             self.batch = {key: value.clone() for key, value in batch.items()}  # what calibrate uses
+            self.twin.to(pl_module.device)  # the same Parameter objects: the optimizer keeps them
         self.twin.train()
         start = time.perf_counter()
         with _same_active_layers(self.twin, pl_module), trainer.precision_plugin.forward_context():
@@ -78,6 +87,7 @@ class CalibrationTwin(Callback):
                 torch.nn.utils.clip_grad_norm_(self.parameters, self.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        _synchronize(pl_module.device)
         self.seconds += time.perf_counter() - start
 
 
@@ -96,16 +106,18 @@ def main() -> None:
     parser.add_argument("--no-twin", dest="twin", action="store_false",
                         help="train alone: a model small enough to live in cache shares it with its twin, "
                              "which slows both (T5 tiny's steps by about 10 %%)")
-    args = parser.parse_args()
+    args, recipe_overrides = parser.parse_known_args()  # e.g. --trainer.precision=bf16-mixed, for both
     with tempfile.TemporaryDirectory() as workdir:
         profile = Path(workdir) / "profile.yaml"
         # In a process of its own: the fit then runs in a heap no earlier work left behind.
         context = multiprocessing.get_context("forkserver")
         with context.Pool(1) as pool:
-            pool.apply(calibrate, (["-c", args.recipe, "--output", str(profile), "--repeats", str(args.repeats)],))
+            pool.apply(calibrate, (["-c", args.recipe, "--output", str(profile), "--repeats", str(args.repeats),
+                                    *recipe_overrides],))
         overrides = [f"--budget.budget={args.budget_hours}", f"--budget.profile={profile}",
                      f"--trainer.default_root_dir={workdir}", "--trainer.logger=false",
-                     "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"]
+                     "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+                     *recipe_overrides]
         cli = build_recipe([args.recipe], overrides)
         timer = StepTimer()
         cli.trainer.callbacks.append(timer)

@@ -52,6 +52,8 @@ class UpdateTimer(Callback):
         self._last: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside an update: its micro-batches are timed together
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
