@@ -142,7 +142,7 @@ class ProgressiveLayerDrop(Callback):
     """
 
     leaves_layers_without_gradient: ClassVar[bool] = True
-    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    # Strategy kind -> why it is refused (app.modules.strategies.check_strategy_support; docs/strategies.md).
     unsupported_strategies: ClassVar[dict[str, str]] = {
         "fsdp": "untested: it skips layers at random, while FSDP gathers and reduce-scatters each "
                 "wrapped layer in its forward and backward; which layers run changes every micro-batch or step",

@@ -139,7 +139,7 @@ class BatchSelection(Callback):
 
     # Per-row score -> the tag logging its mean over the rows selected in an update.
     SELECTED_MEANS = {"loss": "method/selected_loss"}
-    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    # Strategy kind -> why it is refused (app.modules.strategies.check_strategy_support; docs/strategies.md).
     unsupported_strategies: ClassVar[dict[str, str]] = {
         "fsdp": "it scores candidates by calling the module's forward directly, outside FSDP's wrapper, "
                 "where the parameters FSDP shards are not gathered",

@@ -161,7 +161,7 @@ class SophiaHessian(Callback):
         win_rate_window: updates whose mean win rate is compared with ``win_rate_range``.
     """
 
-    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    # Strategy kind -> why it is refused (app.modules.strategies.check_strategy_support; docs/strategies.md).
     unsupported_strategies: ClassVar[dict[str, str]] = {
         "fsdp": "its Hessian passes run the module directly, outside FSDP's wrapper (sharded parameters are "
                 "not gathered there), and it all-reduces whole .grad tensors itself",

@@ -194,7 +194,7 @@ class LayerStacking(Callback):
     """
 
     leaves_layers_without_gradient: ClassVar[bool] = True
-    # Strategy kind -> why it is refused (app.modules.budgeted.check_strategy_support; docs/strategies.md).
+    # Strategy kind -> why it is refused (app.modules.strategies.check_strategy_support; docs/strategies.md).
     unsupported_strategies: ClassVar[dict[str, str]] = {
         "fsdp": "it copies whole layers, and their optimizer state by parameter, into other layers mid-run; "
                 "FSDP's parameters and optimizer state are flat shards",

@@ -270,7 +270,7 @@ def test_two_ranks_draw_the_same_sets():
 def test_plain_ddp_is_refused_for_layer_drop_and_find_unused_parameters_is_accepted():
     from lightning.pytorch.strategies import DDPStrategy
 
-    from app.modules.budgeted import check_unused_parameter_support
+    from app.modules.strategies import check_unused_parameter_support
 
     def trainer(strategy, world_size=2):
         return SimpleNamespace(callbacks=[ProgressiveLayerDrop()], world_size=world_size, strategy=strategy)

@@ -19,7 +19,8 @@ from lightning.pytorch.strategies import (
 )
 
 from app.errors import ConfigurationError
-from app.modules.budgeted import BudgetedModule, check_strategy_support, strategy_kind
+from app.modules.budgeted import BudgetedModule
+from app.modules.strategies import check_strategy_support, strategy_kind
 from app.modules.masked_lm import MaskedLanguageModel
 from app.modules.span_corruption import SpanCorruptionModel
 from callbacks.export import HuggingFaceExport

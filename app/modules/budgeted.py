@@ -36,7 +36,6 @@ from typing import Any, Callable, ClassVar
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics.aggregation import MeanMetric
 
 from app.accounting.clock import ReferenceClock
@@ -46,6 +45,7 @@ from app.host_memory import keep_freed_host_memory
 from app.model.layers import LayerAdapter, truncated_model
 from app.model.param_groups import weight_decay_groups
 from app.model.schedules import LRSchedule, OneCycleTriangle
+from app.modules.strategies import check_strategy_support, check_unused_parameter_support
 
 OPTIONAL_PASSES = ("per_example_losses", "hessian_pass")
 
@@ -322,43 +322,6 @@ def state_dict_difference(expected: dict[str, torch.Tensor], found: dict[str, An
     return None
 
 
-def row_means(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of the losses of the tokens that carry a label, in row-major label order.
-
-    Args:
-        token_losses: ``[n]`` losses of the positions where ``labels != -100``, row-major.
-        labels: ``[batch, length]`` labels (-100 where nothing is predicted).
-
-    Returns:
-        ``[batch]`` means; a row without a label gets 0.
-    """
-    rows = (labels != -100).nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, rows, token_losses)
-    return sums / torch.bincount(rows, minlength=labels.shape[0]).clamp_min(1)
-
-
-def sampled_label_backward(logits: torch.Tensor) -> int:
-    """Sophia-G's Gauss-Newton-Bartlett backward: labels sampled from the model's own distribution.
-
-    The labels are drawn from ``softmax(logits)`` with no gradient through the draw, and the summed
-    cross-entropy on them is back-propagated (``.grad`` accumulates, so a Hessian batch may span
-    micro-batches and ranks before the caller divides by the summed count).
-
-    Args:
-        logits: ``[n, vocab]`` logits of the positions that carry a loss.
-
-    Returns:
-        ``n``, the loss tokens of the pass.
-    """
-    logits = logits.float()
-    if logits.shape[0] == 0:
-        return 0
-    with torch.no_grad():
-        sampled = torch.distributions.Categorical(logits=logits.detach()).sample()
-    torch.nn.functional.cross_entropy(logits, sampled, reduction="sum").backward()
-    return int(sampled.numel())
-
-
 def require_budgeted_module(pl_module: LightningModule, user: str, needs: Sequence[str] = ()) -> BudgetedModule:
     """The one check a callback makes at setup that the module offers what it uses.
 
@@ -380,74 +343,6 @@ def require_budgeted_module(pl_module: LightningModule, user: str, needs: Sequen
     if missing := [need for need in needs if not pl_module.implements(need)]:
         raise ConfigurationError(f"{user} needs {' and '.join(missing)}, which {name} does not implement")
     return pl_module
-
-
-def check_unused_parameter_support(trainer: Any) -> None:
-    """Fail early when DDP would error on layers that get no gradient.
-
-    Methods that leave layers out of some passes declare ``leaves_layers_without_gradient = True``;
-    plain DDP's reducer then errors (or hangs) on their parameters, which
-    ``find_unused_parameters=True`` prevents.
-
-    Raises:
-        ConfigurationError: naming the methods and the fix.
-    """
-    methods = [type(c).__name__ for c in trainer.callbacks if getattr(c, "leaves_layers_without_gradient", False)]
-    strategy = trainer.strategy
-    if not methods or trainer.world_size <= 1 or not isinstance(strategy, DDPStrategy):
-        return
-    # Lightning keeps DDP's constructor arguments only in this private attribute.
-    if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
-        raise ConfigurationError(
-            f"{', '.join(methods)} leave some layers without gradients, which plain DDP rejects; "
-            "set trainer.strategy=ddp_find_unused_parameters_true"
-        )
-
-
-def strategy_kind(strategy: Any) -> str | None:
-    """``"deepspeed"``, ``"fsdp"`` (FSDP, and FSDP2 / tensor parallel: ``ModelParallelStrategy``), ``"ddp"``
-    (every ``DDPStrategy``: ddp, ddp_spawn, ddp_find_unused_parameters_true, ...) or None (one device).
-
-    By class name along the MRO: DeepSpeed's strategy is a DDPStrategy, and naming the classes needs
-    neither deepspeed installed nor a GPU.
-    """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    if "DeepSpeedStrategy" in names:
-        return "deepspeed"
-    if names & {"FSDPStrategy", "ModelParallelStrategy"}:
-        return "fsdp"
-    return "ddp" if "DDPStrategy" in names else None
-
-
-def check_strategy_support(trainer: Any, module: Any = None) -> None:
-    """Fail at setup on a distributed strategy that the module or a method callback does not support.
-
-    Each declares ``unsupported_strategies``, a map from :func:`strategy_kind` to the reason; the table
-    of what is supported, and the tests that show it, is ``docs/strategies.md``. DDP is supported by
-    every method (``tests/test_ddp_methods.py``).
-
-    Args:
-        trainer: has ``strategy`` and ``callbacks``.
-        module: the LightningModule (default: ``trainer.lightning_module``).
-
-    Raises:
-        ConfigurationError: naming the strategy, every reason, and the strategy to use instead.
-    """
-    kind = strategy_kind(trainer.strategy)
-    if kind is None:
-        return
-    module = module if module is not None else getattr(trainer, "lightning_module", None)
-    reasons = [f"{type(owner).__name__}: {owner.unsupported_strategies[kind]}"
-               for owner in [module, *trainer.callbacks]
-               if kind in (getattr(owner, "unsupported_strategies", None) or {})]
-    if not reasons:
-        return
-    unused = any(getattr(c, "leaves_layers_without_gradient", False) for c in trainer.callbacks)
-    instead = "ddp_find_unused_parameters_true" if unused else "ddp"
-    raise ConfigurationError(
-        f"trainer.strategy {type(trainer.strategy).__name__} is not supported: {'; '.join(reasons)}; "
-        f"set trainer.strategy={instead} (tested for every method; docs/strategies.md)"
-    )
 
 
 def _updated_fraction(optimizer: torch.optim.Optimizer) -> float:

@@ -18,7 +18,8 @@ from app.model.backbones import build_masked_lm, masked_lm_logits, max_sequence_
 from app.model.layers import LayerAdapter
 from app.model.shapes import apply_shape
 from app.model.schedules import LRSchedule
-from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward, set_training_dropout
+from app.modules.budgeted import BudgetedModule, set_training_dropout
+from app.modules.losses import row_means, sampled_label_backward
 
 
 class MaskedLanguageModel(BudgetedModule):

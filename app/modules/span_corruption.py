@@ -28,7 +28,8 @@ from app.model.fused_t5 import use_fused_kernels
 from app.model.layers import LayerAdapter
 from app.model.shapes import apply_shape
 from app.model.schedules import LRSchedule
-from app.modules.budgeted import BudgetedModule, row_means, sampled_label_backward, set_training_dropout
+from app.modules.budgeted import BudgetedModule, set_training_dropout
+from app.modules.losses import row_means, sampled_label_backward
 
 # T5 v1.1 (Raffel et al. 2020; the v1.1 checkpoints): gated-GELU FFN, untied head, no dropout while
 # pretraining; the rest of the shape comes from the recipe's ``config``.
