@@ -247,6 +247,7 @@ class AdamWScale(Optimizer):
         _validate(betas, lr=lr, eps=eps, weight_decay=weight_decay)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, {**defaults, "correct_bias": correct_bias})
+        self._root_sizes: dict[tuple[int, ...], torch.Tensor] = {}  # per run of parameters, on their device
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -291,7 +292,11 @@ class AdamWScale(Optimizer):
             lr = lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
         # lr * max(1e-3, RMS(p)) per parameter, as 0-dim tensors: no device-to-host sync.
         norms = torch.stack(torch._foreach_norm(params))
-        root_sizes = torch.tensor([p.numel() ** 0.5 for p in params], dtype=norms.dtype, device=norms.device)
+        key = tuple(id(p) for p in params)
+        if key not in self._root_sizes:  # made once: a host-to-GPU copy every step would sync the GPU
+            self._root_sizes[key] = torch.tensor([p.numel() ** 0.5 for p in params], dtype=norms.dtype,
+                                                 device=norms.device)
+        root_sizes = self._root_sizes[key]
         negative_steps = (norms / root_sizes).clamp_(min=_MIN_RMS).mul_(-lr).unbind()
         # p += m / ((sqrt(v) + eps) / -step): one temporary list, as torch.optim.AdamW's foreach path.
         denominators = torch._foreach_sqrt(exp_avg_sqs)
