@@ -18,6 +18,9 @@ moment, and their ratio isolates what the profile's method gets wrong:
   side — the bias alone;
 * ``predicted / twin``: how far the machine drifted since the calibration.
 
+A model small enough to live in cache (T5 tiny) shares it with its twin, which slows both; there,
+and with ``compile_layers`` (the twin runs eagerly), read ``--no-twin``'s sequential ratio.
+
     python benchmarks/rst_fidelity.py [--recipe configs/quickstart.yaml] [--budget-hours 0.01] [--no-twin]
     python benchmarks/rst_fidelity.py --trainer.precision=bf16-mixed   # recipe overrides: calibration and fit
 
