@@ -10,12 +10,13 @@
   as ntng's) trained by ``Seq2SeqTrainer`` on the same span-corruption batches. Goal: ntng ≥ 1.3×.
 
 Both sides: dropout 0 (ntng pretrains without it), AdamW with the recipe's learning rate, betas,
-epsilon and weight decay, the recipe's gradient clipping, fp32 on a CPU (bf16 autocast on a GPU),
+epsilon and weight decay, the recipe's gradient clipping, fp32 on a CPU (bf16 autocast on a GPU, or
+with ``--precision bf16-mixed``),
 timed from one update's end to the next (loading, hooks and the optimizer step included). Rounds
 alternate the sides, the first two updates of each round warm up, each side reports its median.
 
 Model FLOP utilisation (MFU) divides the model FLOPs an update needs by its time and by this
-machine's measured matmul peak (best of repeated 2048³ matmuls, fp32 on a CPU, bf16 on a GPU).
+machine's measured matmul peak (best of repeated 2048³ matmuls, in the precision the sides train in).
 Model FLOPs are 3× the forward's matmul FLOPs (forward + backward):
 
 * BERT, per update of B×T tokens, P of them predicted, L layers, hidden d, FFN f, vocabulary V:
@@ -24,7 +25,7 @@ Model FLOPs are 3× the forward's matmul FLOPs (forward + backward):
 * T5, per sequence of Te inputs and Td targets, inner attention width a = heads·d_kv, gated FFN:
   ``3 · (Le·Te·(8da + 6df + 4Te·a) + Ld·(Td·(12da + 4Td·a + 4Te·a + 6df) + 4da·Te) + 2dV·Td)``.
 
-    python benchmarks/throughput.py [--model bert|t5|both] [--steps 8] [--rounds 3]
+    python benchmarks/throughput.py [--model bert|t5|both] [--steps 8] [--rounds 3] [--precision bf16-mixed]
 
 The last line is ``ratio: <ntng tokens/s ÷ HF tokens/s>`` for BERT (for T5 with ``--model t5``).
 """
@@ -51,8 +52,11 @@ RECIPES = {
 GOALS = {"bert": 1.5, "t5": 1.3}
 
 
+PRECISION = "bf16-mixed" if torch.cuda.is_available() else "32-true"  # --precision sets it
+
+
 def precision_flags() -> tuple[str, ...]:
-    return ("--trainer.precision=bf16-mixed",) if torch.cuda.is_available() else ("--trainer.precision=32-true",)
+    return (f"--trainer.precision={PRECISION}",)
 
 
 def build(family: str, workdir: Path, updates: int):
@@ -122,7 +126,7 @@ def hf_seconds(family: str, workdir: Path, updates: int) -> list[float]:
         adam_epsilon=defaults["eps"], weight_decay=defaults["weight_decay"], lr_scheduler_type="constant",
         max_grad_norm=float(cli.trainer.gradient_clip_val or 0.0), logging_strategy="no", save_strategy="no",
         report_to=[], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
-        bf16=torch.cuda.is_available(), disable_tqdm=True,
+        bf16=PRECISION == "bf16-mixed", disable_tqdm=True,
     )
     trainer = trainer_class(model=model, args=arguments, train_dataset=rows, data_collator=collator, callbacks=[Timer()])
     for printer in (PrinterCallback, ProgressCallback):  # the table only
@@ -170,16 +174,20 @@ def compare(family: str, workdir: Path, steps: int, rounds: int, peak: float) ->
 
 
 def main() -> None:
+    global PRECISION
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["bert", "t5", "both"], default="both")
     parser.add_argument("--steps", type=int, default=8, help="updates per side per round (two warm up)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default=PRECISION,
+                        help="both sides (HF: bf16=True); bf16 autocast also runs on CPUs with AMX or AVX-512 BF16")
     args = parser.parse_args()
+    PRECISION = args.precision
     quiet()
     keep_freed_host_memory()  # what every ntng fit on a CPU sets (app/host_memory.py): HF's side gets it too
-    peak = matmul_peak_flops(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    peak = matmul_peak_flops(dtype=torch.bfloat16 if PRECISION == "bf16-mixed" else torch.float32)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}, torch {torch.__version__}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{device}, torch {torch.__version__}, {PRECISION}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
     families = ["bert", "t5"] if args.model == "both" else [args.model]
     with tempfile.TemporaryDirectory() as tmp:
         ratios = {family: compare(family, Path(tmp), args.steps, args.rounds, peak) for family in families}
