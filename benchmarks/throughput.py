@@ -53,10 +53,11 @@ GOALS = {"bert": 1.5, "t5": 1.3}
 
 
 PRECISION = "bf16-mixed" if torch.cuda.is_available() else "32-true"  # --precision sets it
+COMPILE = False  # --compile: ntng compiles every layer (compile_layers), HF the model (torch_compile)
 
 
 def precision_flags() -> tuple[str, ...]:
-    return (f"--trainer.precision={PRECISION}",)
+    return (f"--trainer.precision={PRECISION}",) + (("--model.init_args.compile_layers=inductor",) if COMPILE else ())
 
 
 def build(family: str, workdir: Path, updates: int):
@@ -126,7 +127,7 @@ def hf_seconds(family: str, workdir: Path, updates: int) -> list[float]:
         adam_epsilon=defaults["eps"], weight_decay=defaults["weight_decay"], lr_scheduler_type="constant",
         max_grad_norm=float(cli.trainer.gradient_clip_val or 0.0), logging_strategy="no", save_strategy="no",
         report_to=[], dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
-        bf16=PRECISION == "bf16-mixed", disable_tqdm=True,
+        bf16=PRECISION == "bf16-mixed", disable_tqdm=True, torch_compile=COMPILE,
     )
     trainer = trainer_class(model=model, args=arguments, train_dataset=rows, data_collator=collator, callbacks=[Timer()])
     for printer in (PrinterCallback, ProgressCallback):  # the table only
@@ -174,20 +175,23 @@ def compare(family: str, workdir: Path, steps: int, rounds: int, peak: float) ->
 
 
 def main() -> None:
-    global PRECISION
+    global PRECISION, COMPILE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["bert", "t5", "both"], default="both")
     parser.add_argument("--steps", type=int, default=8, help="updates per side per round (two warm up)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default=PRECISION,
                         help="both sides (HF: bf16=True); bf16 autocast also runs on CPUs with AMX or AVX-512 BF16")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile (inductor) on both sides: ntng per layer (compile_layers), HF the whole "
+                             "model (torch_compile=True); each round compiles again, so use --steps 12 or more")
     args = parser.parse_args()
-    PRECISION = args.precision
+    PRECISION, COMPILE = args.precision, args.compile
     quiet()
     keep_freed_host_memory()  # what every ntng fit on a CPU sets (app/host_memory.py): HF's side gets it too
     peak = matmul_peak_flops(dtype=torch.bfloat16 if PRECISION == "bf16-mixed" else torch.float32)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}, torch {torch.__version__}, {PRECISION}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{device}, torch {torch.__version__}, {PRECISION}{', compiled' if COMPILE else ''}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
     families = ["bert", "t5"] if args.model == "both" else [args.model]
     with tempfile.TemporaryDirectory() as tmp:
         ratios = {family: compare(family, Path(tmp), args.steps, args.rounds, peak) for family in families}
