@@ -22,9 +22,9 @@ from typing import Any, Mapping
 import yaml
 
 from app.errors import ConfigurationError
+from app.shipped import shipped_path
 
 PASS_KINDS: tuple[str, ...] = ("forward", "forward_backward")
-SHIPPED_ROOT = Path(__file__).resolve().parents[2]  # the ntng checkout
 SIGNATURE_FIELDS: tuple[str, ...] = ("family", "layers", "hidden", "heads", "ffn", "vocab", "seq_len")
 
 
@@ -84,9 +84,7 @@ class RSTProfile:
         A relative path is looked up from the working directory, then from the ntng checkout, so
         recipes can name shipped profiles (``configs/rst/...``) from anywhere.
         """
-        path = Path(path)
-        if not path.is_file() and not path.is_absolute() and (SHIPPED_ROOT / path).is_file():
-            path = SHIPPED_ROOT / path
+        path = shipped_path(path)
         if not path.is_file():
             raise ConfigurationError(f"RST profile not found: {path}; give an existing profile (configs/rst/ ships "
                                      "some) or measure one for this model with `ntng calibrate -c <recipe> --output "

@@ -63,6 +63,7 @@ from app.errors import ConfigurationError
 from app.evaluation.metrics import rouge_l, score, summarize
 from app.evaluation.reports import markdown_table, write_predictions, write_results, write_submission
 from app.files import write_text_atomic
+from app.shipped import shipped_path
 from app.modules.finetuner import SUITE_LEARNING_RATES, FineTuner, TaskModule, load_config, predict
 from app.modules.text_to_text import TextToTextFineTuner
 from datamodules.tasks.datamodule import TaskDataModule, is_text_to_text
@@ -140,7 +141,7 @@ def _data_dir(value: str) -> str:
     """``hub`` as given; a path expanded (a local ``./hub`` keeps its ``./`` so it is not the hub)."""
     if value == HUB:
         return HUB
-    path = str(Path(value).expanduser())
+    path = str(shipped_path(value))  # the working directory's, else the shipped samples
     return os.path.join(os.curdir, path) if path == HUB else path
 
 

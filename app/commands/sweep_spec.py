@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from app.errors import ConfigurationError
+from app.shipped import SHIPPED_ROOT, shipped_path
 
-SHIPPED_ROOT = Path(__file__).resolve().parents[2]  # the ntng checkout
 SWEEP_KEYS = {"name", "recipe", "overrides", "budgets", "seeds", "methods", "finetune", "validate_every_fraction",
               "checkpoint_every_fraction", "branch_budgets"}
 METHOD_KEYS = {"overlays", "overrides"}
@@ -177,10 +177,9 @@ class SweepSpec:
 
 def find_file(name: str, where: str, hint: Callable[[], str] | None = None) -> str:
     """``name`` as given when it exists from here, else from the ntng checkout (shipped configs)."""
-    if Path(name).is_file():
-        return str(name)
-    if not Path(name).is_absolute() and (SHIPPED_ROOT / name).is_file():
-        return str(SHIPPED_ROOT / name)
+    path = shipped_path(name)
+    if path.is_file():
+        return str(path)
     raise ConfigurationError(f"{where}: file not found: {name}{hint() if hint else ''}")
 
 

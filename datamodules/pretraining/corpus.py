@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from lightning.pytorch.utilities import rank_zero_info
 
 from app.errors import ConfigurationError
+from app.shipped import shipped_path
 
 LOCAL_FORMATS = (".txt", ".jsonl", ".parquet")
 # ``datasets`` builders used when a local file is streamed instead of read up front.
@@ -58,7 +59,7 @@ def resolve_sources(sources: list[str]) -> list[Source]:
         raise ConfigurationError("no corpus sources given (data.sources is empty)")
     resolved = []
     for name in sources:
-        path = Path(name).expanduser()
+        path = shipped_path(name)  # the working directory's, else the shipped samples
         if path.is_dir():
             files = [p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS]
             if not files:
@@ -76,7 +77,7 @@ def resolve_sources(sources: list[str]) -> list[Source]:
         elif looks_like_path(name):
             raise ConfigurationError(f"corpus source not found: {name}; data.init_args.sources takes existing "
                                      "files, directories or hub dataset names (relative paths are read from "
-                                     "the working directory)")
+                                     "the working directory, then from the ntng checkout)")
         else:
             resolved.append(Source(hub_name=name))
     return resolved
