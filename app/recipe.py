@@ -124,15 +124,18 @@ def parse_error_line(message: str) -> str:
             return f"unrecognized arguments: {given}; `ntng fit --help` lists the options"
         return message.splitlines()[0] if message else "could not parse the arguments"
     name, rest = key.groups()
+    message, rest = _CLASS.sub(r"\1", message), _CLASS.sub(r"\1", rest)
+    fix = "check the -c paths" if name == "config" else "fix it in the recipe or on the command line"
+    # A bad value of one init arg of a subclass (data, model, a callback): name that arg. Checked
+    # before unknown options: for a callback list, jsonargparse also tries the value as one plain
+    # Callback, which takes no options, and that alternative's complaint is not the user's mistake.
+    nested = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+)", message)
     option = re.search(r"class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
-    if option:
+    if option and not nested:
         class_path, bad = option.groups()
         return (f"{name}: {class_path} has no option {bad!r}; `ntng fit --{name}.help {class_path}` lists its "
                 "options")
-    message, rest = _CLASS.sub(r"\1", message), _CLASS.sub(r"\1", rest)
-    fix = "check the -c paths" if name == "config" else "fix it in the recipe or on the command line"
-    nested = re.search(r"Problem with given class_path '([^']+)':\s*Parser key \"([^\"]+)\":\s*(.+)", message)
-    if nested:  # a bad value of one init arg of a subclass (data, model, a callback): name that arg
+    if nested:
         class_path, inner, reason = nested.groups()
         value = re.match(r"Expected an? (.+?)\. Got value: (.*)$", reason.strip())
         what = f"expected {_type_name(value[1])}, got {value[2]!r}" if value else reason.strip().rstrip(".")

@@ -198,6 +198,9 @@ CASES = [
          ("theta_bar", "1.5", "(0, 1]")),
     Case("pld-keep-ratio-zero", lambda i: i.fit("--trainer.callbacks.theta_bar=0", overlays=("layer_drop",)),
          ("theta_bar", "(0, 1]")),
+    Case("callback-value-of-the-wrong-type", lambda i: i.fit("--trainer.callbacks.theta_bar=abc",
+                                                             overlays=("layer_drop",)),
+         ("theta_bar", "expected float", "'abc'", "ProgressiveLayerDrop")),
     # -- the corpus ------------------------------------------------------------------------------------
     Case("corpus-missing", lambda i: i.fit(_sources(i.tmp / "no-such-corpus")),
          ("corpus source not found", "no-such-corpus")),
