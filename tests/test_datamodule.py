@@ -494,12 +494,22 @@ def test_streaming_local_jsonl(tmp_path, monkeypatch):
     for example_id, block in val + [(s["example_ids"], s["input_ids"]) for s in train[:5]]:
         assert block.tolist() == cached.blocks[example_id].tolist()  # same packing as the cached path
     assert next(iter(dm.train_dataloader()))["input_ids"].shape == (8, 32)
-    # Rank 1 of 2 keeps every other block, only from complete rounds.
+    # Epochs end on whole updates: with 3 micro-batches of 8 per update, blocks come in groups of 24.
+    dm.trainer = SimpleNamespace(accumulate_grad_batches=3)
+    grouped = [s["example_ids"] for s in dm.train_dataloader().dataset]
+    assert len(ids) % 24 and grouped == ids[: len(ids) // 24 * 24]
+    workers = make_dm(tmp_path, sources=[str(jsonl)], tokenizer=str(tmp_path / "tok"), streaming=True, val_size=3,
+                      num_workers=2)
+    workers.setup("fit")
+    workers.trainer = SimpleNamespace(accumulate_grad_batches=3)
+    batches = list(workers.train_dataloader())  # each worker cuts its own share to whole updates
+    assert batches and len(batches) % 3 == 0
+    # Rank 1 of 2 keeps every other block, only from complete rounds, in whole updates.
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     rank_ids = [s["example_ids"] for s in dm.train_dataloader().dataset]
-    assert rank_ids == list(range(4, 3 + (len(ids) // 2) * 2, 2))
+    assert rank_ids == list(range(4, 3 + (len(ids) // 2) * 2, 2))[: len(ids) // 2 // 24 * 24]
 
 
 def test_streaming_needs_supported_sources_and_val_size(tmp_path):

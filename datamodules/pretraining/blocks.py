@@ -140,11 +140,18 @@ class StreamedBlocks(IterableDataset):
     so every rank gets the same number of blocks and no DDP rank waits on one that ran dry.
     Validation shards by worker only: every rank evaluates the same blocks. Every epoch re-reads
     the stream from its start; there is no mid-epoch resume state.
+
+    Each training shard also emits its blocks in groups of ``samples_per_update`` (micro-batch
+    size x gradient accumulation, set by the data module's ``train_dataloader``) and drops the
+    incomplete last group. Every epoch then ends on a whole update, as cached epochs do: otherwise
+    Lightning takes a short update on an epoch's leftover micro-batches, and callbacks that act at
+    update boundaries (the budget stop, checkpoints, layer choices) miss it.
     """
 
     def __init__(self, streams: list, module: PretrainingDataModule, train: bool) -> None:
         self.streams, self.tokenizer, self.train, self.options = streams, module.tokenizer, train, module.hparams
         self.layout = module.block_layout
+        self.samples_per_update = 1
 
     def _blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         documents = corpus.iter_streamed_documents(self.streams, self.options.text_field, self.options.max_documents)
@@ -161,9 +168,13 @@ class StreamedBlocks(IterableDataset):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
         shards, shard = world * workers, rank * workers + worker_id
+        group: list[dict] = []
         for index, block in islice(self._blocks(), self.options.val_size, None):
             position = (index - self.options.val_size) % shards
             if position == shard:
                 pending = _sample(index, block)
-            if position == shards - 1:
-                yield pending
+            if position == shards - 1:  # a complete round: every shard has its block
+                group.append(pending)
+                if len(group) == self.samples_per_update:
+                    yield from group
+                    group = []
