@@ -9,12 +9,13 @@ set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/gpu-results}}
 mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python=${PYTHON:-python3}
+# The carried wheels, only where ntng's packages are missing (the bare GPU image; not a set-up venv).
+if [ -d .whl ] && ! "$python" -c "import jsonargparse, pytorch_optimizer, datasets" 2>/dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
 smoke=${NTNG_BENCH_SMOKE:-0}
 
 run() {  # name, seconds, script, arguments: one benchmark, its output kept whatever happens
