@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from timing import UpdateTimer, fit_objects, quiet
+from timing import UpdateTimer, fit_objects, quiet, training_batches
 
 NTNG_RATES = {  # recipe, tokens per update, seconds per update, NTNG's GPU
     "bert": ("configs/bert/crammed.yaml", 1536 * 128, 2.70, "RTX 3090"),
@@ -47,10 +47,7 @@ SMOKE = {  # shapes small enough for a CPU, to check the script end to end
 
 def tokens_per_update(cli, family: str) -> int:
     """Tokens of one update as NTNG counts them (BERT: inputs; T5: inputs and targets)."""
-    data = cli.datamodule
-    data.prepare_data()
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    (batch,) = training_batches(cli, 1)
     per_row = batch["input_ids"].shape[1] + (batch["labels"].shape[1] if family == "t5" else 0)
     return len(batch["input_ids"]) * per_row * cli.trainer.accumulate_grad_batches
 
@@ -59,8 +56,6 @@ def rate(family: str, workdir: Path, updates: int, warmup: int, smoke: bool) -> 
     recipe, ntng_tokens, ntng_seconds, ntng_gpu = NTNG_RATES[family]
     overlays = [recipe] if smoke or not torch.cuda.is_available() else [recipe, "configs/gpu/fast.yaml"]
     extra = [CORPUS, "--budget.allow_profile_mismatch=true", *(SMOKE[family] if smoke else [])]
-    if torch.cuda.is_available() and not smoke:
-        extra.append("--trainer.precision=bf16-mixed")
     cli = fit_objects(overlays, workdir / family, updates + warmup, *extra)
     tokens = tokens_per_update(cli, family)
     timer = UpdateTimer()

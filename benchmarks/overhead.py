@@ -39,7 +39,7 @@ from lightning.pytorch import Callback
 
 from app.host_memory import keep_freed_host_memory
 from callbacks.irreducible_losses import IrreducibleLosses
-from timing import UpdateTimer, fit_objects, medians, quiet, timed
+from timing import UpdateTimer, fit_objects, medians, quiet, timed, training_batches
 
 # Overlays that fit the quickstart's 4 layers and a CPU (Sophia's bf16 overlay runs in fp32 here).
 METHODS = {
@@ -93,11 +93,7 @@ def raw_updates(workdir: Path, steps: int, name: str = "quickstart") -> list[flo
     """Seconds per update of the same module and batches (objective applied) in a minimal loop."""
     cli = recipe(workdir, steps, name=name)
     clip = cli.trainer.gradient_clip_val
-    data, module = cli.datamodule, cli.model
-    data.prepare_data()
-    data.setup("fit")
-    loader = iter(data.train_dataloader())  # masked batches, as the fit trains them
-    batches = [next(loader) for _ in range(steps)]
+    module, batches = cli.model, training_batches(cli, steps)
     module.train()
     optimizer = module.configure_optimizers()
     parameters = [p for p in module.parameters() if p.requires_grad]

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from app.host_memory import keep_freed_host_memory
-from timing import UpdateTimer, fit_objects, matmul_peak_flops, medians, quiet
+from timing import UpdateTimer, fit_objects, matmul_peak_flops, medians, quiet, training_batches
 
 RECIPES = {
     "bert": (["configs/quickstart.yaml"], ()),
@@ -70,15 +70,6 @@ def ntng_seconds(family: str, workdir: Path, updates: int) -> list[float]:
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.seconds
-
-
-def training_batches(cli, count: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` training batches the ntng run trains (objective applied)."""
-    data = cli.datamodule
-    data.prepare_data()
-    data.setup("fit")
-    loader = iter(data.train_dataloader())
-    return [next(loader) for _ in range(count)]
 
 
 def hf_seconds(family: str, workdir: Path, updates: int) -> list[float]:

@@ -1,5 +1,5 @@
 """What the speed benchmarks share: quiet output, ``ntng fit``'s objects for a fixed number of
-updates, a per-update timer, a side-by-side median, and this machine's measured matmul peak.
+updates and their first training batches, a per-update timer, a side-by-side median, and this machine's measured matmul peak.
 
 Imported as ``timing``: the scripts run as ``python benchmarks/<name>.py``, which puts this
 directory first on ``sys.path``.
@@ -41,6 +41,15 @@ def fit_objects(configs: list[str], workdir: Path, updates: int, *extra: str):
                  "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={workdir}",
                  "--overwrite=true", *extra]
     return build_recipe([str(ROOT / c) for c in configs], overrides)
+
+
+def training_batches(cli, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` training batches the ntng run trains (objective applied, as the fit gets them)."""
+    data = cli.datamodule
+    data.prepare_data()
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    return [next(loader) for _ in range(count)]
 
 
 class UpdateTimer(Callback):
