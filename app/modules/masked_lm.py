@@ -94,8 +94,7 @@ class MaskedLanguageModel(BudgetedModule):
         if seq_len is not None and seq_len > max_sequence_length(hf_config, self.family):
             raise ConfigurationError(
                 f"seq_len {seq_len} exceeds the model's maximum of {max_sequence_length(hf_config, self.family)} "
-                f"positions (raise config.max_position_embeddings); lower data.init_args.seq_len or raise "
-                "model.init_args.config.max_position_embeddings"
+                "positions; lower data.init_args.seq_len or raise model.init_args.config.max_position_embeddings"
             )
         # ModernBERT builds its attention output dropout as Identity when the config's probability is
         # 0, so there pretraining dropout can only be lowered.

@@ -341,14 +341,14 @@ class PretrainingDataModule(LightningDataModule):
         """
         h = self.hparams
         trainer = self.trainer
-        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        samples_per_update = h.micro_batch_size * getattr(trainer, "accumulate_grad_batches", 1)
         if isinstance(self._train, IterableDataset):
             self._position = None
-            self._train.samples_per_update = h.micro_batch_size * accumulate  # epochs end on whole updates
+            self._train.samples_per_update = samples_per_update  # epochs end on whole updates
             return DataLoader(self._train, batch_size=h.micro_batch_size, drop_last=True, **self._loader_options())
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         seed = h.shuffle_seed if h.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        sampler = ResumableSampler(self._train, seed, replicas, rank, samples_per_update=h.micro_batch_size * accumulate)
+        sampler = ResumableSampler(self._train, seed, replicas, rank, samples_per_update=samples_per_update)
         collate = TrainingCollate(self._bound_objective(), apply=not self.training_batches_replaced)
         loader = ResumableLoader(self._train, sampler=sampler, batch_size=h.micro_batch_size, drop_last=True,
                                  collate_fn=collate, **self._loader_options())
